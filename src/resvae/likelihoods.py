@@ -1,0 +1,242 @@
+"""Pixel likelihoods p(x | z) for 8-bit images, kept separate from the networks.
+
+Conventions: ``x`` is (B, C, H, W) in [0, 1] on the grid k/255; the decoder emits
+``params`` of shape (B, n_params(C), H, W); every ``nll`` is per image, in nats, shape (B,),
+summed over C*H*W.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Likelihood", "Bernoulli", "Gaussian", "DiscretizedLogistic",
+    "LIKELIHOODS", "make_likelihood", "bits_per_dim",
+]
+
+
+class Likelihood(nn.Module):
+    """Base class. ``discrete`` is True when ``nll`` is (a bound on) -log P(8-bit x)."""
+
+    discrete: bool = False
+
+    def n_params(self, channels: int) -> int:
+        raise NotImplementedError
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def mean(self, params: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _channels(self, params: Tensor) -> int:
+        per = self.n_params(1)
+        if params.dim() != 4 or params.shape[1] % per:
+            raise ValueError(f"params must be (B, {per}*C, H, W), got {tuple(params.shape)}")
+        return params.shape[1] // per
+
+    def _check(self, params: Tensor, x: Tensor) -> None:
+        want = (x.shape[0], self.n_params(x.shape[1]), *x.shape[2:])
+        if x.dim() != 4 or tuple(params.shape) != want:
+            raise ValueError(f"params {tuple(params.shape)} do not fit x {tuple(x.shape)}: "
+                             f"expected {want}")
+
+
+def _uniform(shape, like: Tensor, generator, eps: float = 1e-6) -> Tensor:
+    # Kept away from 0 and 1 so log(u) and log(1-u) stay finite.
+    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return u.clamp(eps, 1.0 - eps)
+
+
+class Bernoulli(Likelihood):
+    """Per-dimension Bernoulli on logits; params (B, C, H, W).
+
+    Reproduces the original study's loss (Keras ``3072 * binary_crossentropy`` on
+    32x32x3 images, i.e. BCE summed over dimensions) for comparability with its Table 1.
+    It is NOT a normalised likelihood of 8-bit data (x is not binary), so ``discrete`` is
+    False and bits/dim computed from it means nothing.
+    """
+
+    discrete = False
+
+    def n_params(self, channels: int) -> int:
+        return channels
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        self._check(params, x)
+        bce = F.binary_cross_entropy_with_logits(params, x, reduction="none")
+        return bce.flatten(1).sum(1)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        # Honest draws: binary images. Use ``mean`` for something to look at.
+        return torch.bernoulli(torch.sigmoid(params), generator=generator)
+
+    def mean(self, params: Tensor) -> Tensor:
+        return torch.sigmoid(params)
+
+
+class Gaussian(Likelihood):
+    """Gaussian density on uniformly dequantized pixels y = (255 x + u) / 256.
+
+    ``std > 0``: fixed std, params = mean (B, C, H, W).
+    ``std == 0``: learned, params = cat([mean, log_std], dim=1) -> (B, 2C, H, W).
+    """
+
+    discrete = True  # as a bound, see nll
+    LOG_STD_MIN, LOG_STD_MAX = -7.0, 2.0
+
+    def __init__(self, std: float = 0.0):
+        super().__init__()
+        std = float(std)
+        if not math.isfinite(std) or std < 0:
+            raise ValueError(f"gaussian: std must be >= 0 (0 = learned), got {std}")
+        self.std = std
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}" if self.std > 0 else "std=learned"
+
+    def n_params(self, channels: int) -> int:
+        return channels if self.std > 0 else 2 * channels
+
+    def _mu_log_std(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        c = self._channels(params)
+        if self.std > 0:
+            return params, torch.full_like(params, math.log(self.std))
+        # Clamp for stability: sigma -> 0 on a constant pixel sends the nll to -inf.
+        return params[:, :c], params[:, c:].clamp(self.LOG_STD_MIN, self.LOG_STD_MAX)
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        self._check(params, x)
+        mu, log_std = self._mu_log_std(params)
+        # Dequantization (Theis et al. 2016): with fresh u ~ U(0,1) per call,
+        # E_u[-log p(y)] + D log 256 upper-bounds -log P(x_8bit), since each of the 256 bins
+        # has width 1/256 in y. In eval u = 0.5 (bin centre): deterministic point estimate.
+        if self.training:
+            u = torch.rand_like(x)
+        else:
+            u = torch.full_like(x, 0.5)
+        y = (255.0 * x + u) / 256.0
+        z = (y - mu) * torch.exp(-log_std)
+        nll = 0.5 * z.square() + log_std + 0.5 * math.log(2 * math.pi) + math.log(256.0)
+        return nll.flatten(1).sum(1)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mu, log_std = self._mu_log_std(params)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        y = (mu + torch.exp(log_std) * eps).clamp(0.0, 1.0)
+        # Invert the dequantization: bin k covers y in [k/256, (k+1)/256).
+        return torch.floor(256.0 * y).clamp(0.0, 255.0) / 255.0
+
+    def mean(self, params: Tensor) -> Tensor:
+        return self._mu_log_std(params)[0].clamp(0.0, 1.0)
+
+
+def _log_sigmoid_diff(a: Tensor, b: Tensor) -> Tensor:
+    """log(sigmoid(a) - sigmoid(b)) for a > b, stable everywhere.
+
+    Uses sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)): no
+    cancellation in either tail, so the PixelCNN++ fallback (log pdf at the bin centre +
+    log bin width when cdf_delta < 1e-5) is not needed and its approximation error is avoided.
+    """
+    return F.logsigmoid(a) + F.logsigmoid(-b) + torch.log(-torch.expm1(b - a))
+
+
+class DiscretizedLogistic(Likelihood):
+    """Discretized mixture of logistics over 256 levels (PixelCNN++, Salimans et al. 2017).
+
+    Channels are independent (no autoregressive RGB coefficients, as in VDVAE's decoder
+    without them; Child 2021): each channel has its own K-component mixture.
+    Layout: params.view(B, 3, K, C, H, W) -> [:, 0] logits, [:, 1] means (in [-1, 1] data
+    units), [:, 2] log-scales; i.e. params = cat([logits, means, log_scales], dim=1), each
+    (B, K*C, H, W) with component-major order (index k*C + c).
+    """
+
+    discrete = True
+    LOG_SCALE_MIN = -7.0
+
+    def __init__(self, n_mix: int = 10):
+        super().__init__()
+        if isinstance(n_mix, bool) or int(n_mix) != n_mix or n_mix < 1:
+            raise ValueError(f"dlogistic: n_mix must be a positive integer, got {n_mix!r}")
+        self.n_mix = int(n_mix)
+
+    def extra_repr(self) -> str:
+        return f"n_mix={self.n_mix}"
+
+    def n_params(self, channels: int) -> int:
+        return 3 * self.n_mix * channels
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self._channels(params)
+        b, _, h, w = params.shape
+        p = params.reshape(b, 3, self.n_mix, c, h, w)
+        # Scales below e^-7 (~1e-3, an eighth of a bin) buy nothing and destabilise training.
+        return p[:, 0], p[:, 1], p[:, 2].clamp(min=self.LOG_SCALE_MIN)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        """Per-dimension log P(x), shape (B, C, H, W)."""
+        self._check(params, x)
+        logits, means, log_scales = self._split(params)  # each (B, K, C, H, W)
+        xs = (2.0 * x - 1.0).unsqueeze(1)                 # [-1, 1], bins of width 2/255
+        inv_s = torch.exp(-log_scales)
+        plus_in = inv_s * (xs - means + 1.0 / 255.0)      # standardized upper bin edge
+        min_in = inv_s * (xs - means - 1.0 / 255.0)       # standardized lower bin edge
+        # Edge bins absorb the tails: x = -1 takes CDF(upper) and x = +1 takes
+        # 1 - CDF(lower), so the 256 probabilities sum to exactly 1.
+        log_cdf_plus = F.logsigmoid(plus_in)
+        log_one_minus_cdf_min = F.logsigmoid(-min_in)
+        log_mid = _log_sigmoid_diff(plus_in, min_in)
+        log_p = torch.where(xs < -0.999, log_cdf_plus,
+                            torch.where(xs > 0.999, log_one_minus_cdf_min, log_mid))
+        return torch.logsumexp(log_p + F.log_softmax(logits, dim=1), dim=1)
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        return -self.log_prob(params, x).flatten(1).sum(1)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        logits, means, log_scales = self._split(params)
+        # Gumbel-max picks one component per (B, C, H, W).
+        gumbel = -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
+        pick = F.one_hot((logits + gumbel).argmax(1), self.n_mix).movedim(-1, 1).to(means)
+        mu = (means * pick).sum(1)
+        s = torch.exp((log_scales * pick).sum(1))
+        u = _uniform(mu.shape, mu, generator)
+        xs = (mu + s * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
+        return torch.round((xs + 1.0) * 127.5) / 255.0
+
+    def mean(self, params: Tensor) -> Tensor:
+        logits, means, _ = self._split(params)
+        m = (torch.softmax(logits, dim=1) * means).sum(1)
+        return ((m + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "bernoulli": Bernoulli,
+    "gaussian": Gaussian,
+    "dlogistic": DiscretizedLogistic,
+}
+
+
+def make_likelihood(name: str, **options) -> Likelihood:
+    """Build a likelihood by name; each class accepts only its own options."""
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}")
+    cls = LIKELIHOODS[name]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"likelihood {name!r} got unknown option(s) {unknown}; "
+                        f"it accepts {allowed or 'no options'}")
+    return cls(**options)
+
+
+def bits_per_dim(nll_nats: Tensor, n_dims: int) -> Tensor:
+    """Convert per-image nats to bits per dimension: nll / (n_dims * ln 2)."""
+    return nll_nats / (n_dims * math.log(2.0))

@@ -1,0 +1,149 @@
+"""The VAE: a standard-normal prior, a diagonal Gaussian posterior, any encoder/decoder/likelihood.
+
+The encoder and decoder are modules nested in the VAE and usable alone: the generator is
+`vae.decoder` itself, never a copy (the study had to learn Keras' nested Models for this).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .likelihoods import Likelihood, bits_per_dim, make_likelihood
+from .nets import ARCHS, count_layers
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+class VAE(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood,
+                 image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        self.image_shape = tuple(image_shape)  # (C, H, W)
+        self.latent_dim = encoder.latent_dim
+
+    @property
+    def n_dims(self) -> int:
+        return math.prod(self.image_shape)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B,C,H,W) in [0,1] -> posterior mean and log-variance, each (B, latent_dim)."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, latent_dim) -> likelihood parameters (B, P, H, W)."""
+        return self.decoder(z)
+
+    @staticmethod
+    def reparameterize(mean: Tensor, logvar: Tensor) -> Tensor:
+        # std = exp(0.5 * logvar). The study's notebook used exp(logvar) as the std, i.e. its
+        # "logvar" layer really predicted a log-std; we keep the textbook convention.
+        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Negative ELBO per image (nats) and its parts.
+
+        Returns `loss` = distortion + rate, `rate` (KL(q||p)), `distortion` (-log p(x|z)), all (B,);
+        `kl` per latent dim (B, latent_dim) for free bits; `bpd` where the likelihood is discrete.
+        """
+        mean, logvar = self.encode(x)
+        params = self.decode(self.reparameterize(mean, logvar))
+        distortion = self.likelihood.nll(params, x)
+        # Analytic KL(N(mean, var) || N(0, 1)) per dimension.
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+        rate = kl.sum(dim=1)
+        out = {"loss": distortion + rate, "rate": rate, "distortion": distortion, "kl": kl}
+        if self.likelihood.discrete:
+            out["bpd"] = bits_per_dim(out["loss"], self.n_dims)
+        return out
+
+    def penalty(self) -> Tensor:
+        """Weight penalties to add to the training objective (the study's latent-layer L2)."""
+        return self.encoder.penalty()
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, n: int, *, mean: bool = True, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """n images (n,C,H,W) in [0,1] decoded from the prior; `mean=True` shows the likelihood's
+        mean (what the study's grids show), False draws pixels from it."""
+        z = torch.randn(n, self.latent_dim, device=self._device(), generator=generator)
+        params = self.decode(z * temperature)
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, *, mean: bool = True) -> Tensor:
+        """Decode the posterior mean of x: (B,C,H,W) in [0,1]."""
+        params = self.decode(self.encode(x)[0])
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
+
+    @torch.no_grad()
+    def iwae(self, x: Tensor, k: int, *, max_batch: int = 512) -> Tensor:
+        """Importance-weighted estimate of log p(x) per image in nats, (B,) (Burda et al. 2016).
+
+        log p(x) >= E[log 1/k sum_i p(x,z_i)/q(z_i|x)], tighter as k grows; k=1 is the ELBO.
+        Samples are decoded in chunks of at most `max_batch` images so k=1000 fits in memory.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        mean, logvar = self.encode(x)
+        std = torch.exp(0.5 * logvar)
+        b = x.shape[0]
+        chunk = max(1, max_batch // b)
+        log_w = []
+        for start in range(0, k, chunk):
+            c = min(chunk, k - start)
+            eps = torch.randn(c, *mean.shape, device=mean.device, dtype=mean.dtype)
+            z = mean + std * eps  # (c, B, L)
+            params = self.decode(z.flatten(0, 1))
+            log_px = -self.likelihood.nll(params, x.repeat(c, 1, 1, 1)).view(c, b)
+            log_pz = -0.5 * (z.square() + LOG_2PI).sum(-1)
+            log_qz = -0.5 * (eps.square() + LOG_2PI + logvar).sum(-1)
+            log_w.append(log_px + log_pz - log_qz)
+        return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
+
+
+def build_vae(arch: str = "seed", depth: int = 28, width: float = 1.0, latent_dim: int = 256,
+              likelihood: str = "bernoulli", *, channels: int = 3, image_size: int = 32,
+              block: str = "bottleneck", shortcut: str = "identity", preact: bool = False,
+              upsample: str = "transposed", zero_init_residual: bool = False, n_mix: int = 10,
+              gaussian_std: float = 0.0,
+              latent_l2: tuple[float, float] | list[float] = (0.0, 0.0)) -> VAE:
+    """Build a VAE. Defaults describe the study's 28-layer network (seed arch, latent 256,
+    Bernoulli likelihood). Keyword names match `ModelConfig`, so `build_vae(**asdict(cfg))` works."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if arch == "seed" and block != "bottleneck":
+        raise ValueError("arch 'seed' uses bottleneck blocks only (as the study did); "
+                         f"got block={block!r}; use arch 'resnet' for basic blocks")
+    options = {"dlogistic": {"n_mix": n_mix}, "gaussian": {"std": gaussian_std}}.get(likelihood, {})
+    lik = make_likelihood(likelihood, **options)
+    kwargs = dict(width=width, latent_dim=latent_dim, channels=channels, image_size=image_size,
+                  out_channels=lik.n_params(channels), shortcut=shortcut, preact=preact,
+                  upsample=upsample, zero_init_residual=zero_init_residual,
+                  latent_l2=tuple(latent_l2))
+    if arch == "resnet":
+        kwargs["block"] = block
+    encoder, decoder = ARCHS[arch](depth, **kwargs)
+    return VAE(encoder, decoder, lik, (channels, image_size, image_size))
+
+
+def model_info(vae: VAE) -> dict:
+    """Layers (by the depth convention), parameters, and forward FLOPs per image."""
+    enc = sum(p.numel() for p in vae.encoder.parameters())
+    dec = sum(p.numel() for p in vae.decoder.parameters())
+    was_training = vae.training
+    vae.eval()
+    x = torch.rand(1, *vae.image_shape, device=vae._device())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vae.decode(vae.encode(x)[0])
+    vae.train(was_training)
+    return {"layers": count_layers(vae.encoder) + count_layers(vae.decoder),
+            "encoder_params": enc, "decoder_params": dec, "params": enc + dec,
+            "flops": int(counter.get_total_flops())}
