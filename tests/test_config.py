@@ -1,0 +1,345 @@
+"""Tests for resvae.config: layering, strictness, presets, serialisation."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from resvae import config as C
+from resvae.config import ConfigError
+
+
+def _toml(tmp_path, text, name="run.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _resolve(**kw):
+    kw.setdefault("environ", {})  # never let the tester's shell leak into a test
+    return C.resolve(**kw)
+
+
+# -- precedence ----------------------------------------------------------------------------
+
+def test_defaults():
+    cfg = _resolve()
+    assert cfg == C.RunConfig()
+    assert cfg.model.depth == 28 and cfg.train.betas == [0.9, 0.999]
+
+
+def test_precedence_each_layer_wins_over_the_one_below(tmp_path):
+    # seed-40 sets depth and batch_size; the file overrides batch_size; env overrides lr; ...
+    f = _toml(tmp_path, "[train]\nbatch_size = 7\nlr = 0.5\nseed = 1\n[model]\nlatent_dim = 3\n")
+    env = {"RESVAE_LR": "0.25", "RESVAE_SEED": "2", "RESVAE_LATENT_DIM": "5"}
+    cfg = _resolve(preset="seed-40", config_file=str(f), environ=env,
+                   overrides={"seed": "3", "latent_dim": 9})
+    assert cfg.model.depth == 40            # preset over default
+    assert cfg.train.patience == 50         # preset value, untouched above
+    assert cfg.train.batch_size == 7        # file over preset (preset: 25)
+    assert cfg.train.lr == 0.25             # env over file
+    assert cfg.train.seed == 3              # override over env over file
+    assert cfg.model.latent_dim == 9        # typed override over env
+
+
+def test_overrides_none_means_not_given():
+    assert _resolve(overrides={"depth": None}).model.depth == 28
+
+
+def test_environ_none_reads_os_environ(monkeypatch):
+    monkeypatch.setenv("RESVAE_DEPTH", "52")
+    assert C.resolve().model.depth == 52
+    assert C.resolve(environ={}).model.depth == 28
+
+
+# -- unknown keys ----------------------------------------------------------------------------
+
+def test_unknown_key_in_file_names_key_path_and_suggestion(tmp_path):
+    f = _toml(tmp_path, "[model]\nlatnet_dim = 3\n")
+    with pytest.raises(ConfigError) as e:
+        _resolve(config_file=str(f))
+    msg = str(e.value)
+    assert "latnet_dim" in msg and str(f) in msg and "latent_dim" in msg
+
+
+def test_unknown_env_var_named():
+    with pytest.raises(ConfigError, match="RESVAE_DEPHT") as e:
+        _resolve(environ={"RESVAE_DEPHT": "3"})
+    assert "RESVAE_DEPTH" in str(e.value)  # close match offered
+
+
+def test_unknown_override_named():
+    with pytest.raises(ConfigError, match=r"--latent-dimm.*latent_dimm.*latent_dim"):
+        _resolve(overrides={"latent_dimm": "3"})
+    with pytest.raises(ConfigError, match="bogus"):
+        _resolve(overrides={"bogus": 3})
+
+
+def test_unknown_section_and_non_table_section(tmp_path):
+    with pytest.raises(ConfigError, match="modle"):
+        _resolve(config_file=str(_toml(tmp_path, "[modle]\ndepth = 3\n")))
+    with pytest.raises(ConfigError, match=r"\[model\]"):
+        C.apply_dict(C.RunConfig(), {"model": 3}, "x")
+
+
+def test_reserved_env_ignored_and_unrelated_env_ignored():
+    env = {"RESVAE_DATA": "/data", "RESVAE_CACHE": "/cache", "HOME": "/root", "RESVAEX": "1"}
+    assert C.env_overrides(env) == {}
+    assert _resolve(environ=env) == C.RunConfig()
+
+
+def test_env_overrides_mapping():
+    env = {"RESVAE_LATENT_DIM": "128", "RESVAE_DATA_DIR": "/x"}
+    assert C.env_overrides(env) == {"latent_dim": "128", "data_dir": "/x"}
+    cfg = _resolve(environ=env)
+    assert cfg.model.latent_dim == 128 and cfg.data.data_dir == "/x"
+
+
+def test_missing_and_broken_files(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml"):
+        C.load_toml(missing)
+    bad = _toml(tmp_path, "[model\ndepth = 3\n", "bad.toml")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*invalid TOML"):
+        C.load_toml(bad)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match=r"nope.*seed-28.*tiny"):
+        C.load_preset("nope")
+
+
+# -- types ------------------------------------------------------------------------------------
+
+def test_wrong_type_from_env_names_key_and_var():
+    with pytest.raises(ConfigError, match=r"RESVAE_DEPTH.*depth.*int.*'abc'"):
+        _resolve(environ={"RESVAE_DEPTH": "abc"})
+
+
+def test_wrong_type_in_toml(tmp_path):
+    f = _toml(tmp_path, "[model]\ndepth = 1.5\n")
+    with pytest.raises(ConfigError, match=r"run\.toml.*model\.depth.*expected int.*1\.5"):
+        _resolve(config_file=str(f))
+
+
+@pytest.mark.parametrize("d, key", [
+    ({"depth": True}, "depth"),                  # bool is not an int
+    ({"width": False}, "width"),                 # ... nor a float
+    ({"preact": 1}, "preact"),                   # int is not a bool
+    ({"budget": 600}, "budget"),                 # budget is a string
+    ({"latent_l2": [0.1, "x"]}, "latent_l2"),    # list element types checked
+    ({"latent_l2": 0.1}, "latent_l2"),
+    ({"betas": [True, 0.9]}, "betas"),
+])
+def test_strict_types(d, key):
+    with pytest.raises(ConfigError, match=key):
+        C.apply_dict(C.RunConfig(), d, "test")
+
+
+def test_int_accepted_for_float_and_widened():
+    cfg = C.apply_dict(C.RunConfig(), {"width": 2, "latent_l2": [0, 1]}, "t")
+    assert cfg.model.width == 2.0 and isinstance(cfg.model.width, float)
+    assert cfg.model.latent_l2 == [0.0, 1.0] and all(isinstance(x, float) for x in cfg.model.latent_l2)
+
+
+def test_apply_dict_does_not_mutate_input():
+    base = C.RunConfig()
+    C.apply_dict(base, {"depth": 40, "latent_l2": [1, 2]}, "t")
+    assert base == C.RunConfig()
+
+
+def test_parse_value():
+    pv = C.parse_value
+    assert pv(int, " 12 ", "k", "s") == 12
+    assert pv(float, "1e-3", "k", "s") == 1e-3
+    for t in ("true", "TRUE", "1", "yes", "Yes"):
+        assert pv(bool, t, "k", "s") is True
+    for t in ("false", "False", "0", "no", "NO"):
+        assert pv(bool, t, "k", "s") is False
+    assert pv(str, "/a b", "k", "s") == "/a b"
+    assert pv(list[float], "0.01,0.1", "k", "s") == [0.01, 0.1]
+    assert pv(list[float], "[0.01, 0.1]", "k", "s") == [0.01, 0.1]
+    assert pv(list[float], "[]", "k", "s") == []
+    for typ, text in [(bool, "maybe"), (int, "1.5"), (float, "x"), (list[float], "1,a")]:
+        with pytest.raises(ConfigError, match=r"src: key: expected"):
+            pv(typ, text, "key", "src")
+
+
+def test_list_from_env_and_override():
+    cfg = _resolve(environ={"RESVAE_LATENT_L2": "0.01,0.1"}, overrides={"betas": "[0.5, 0.9]"})
+    assert cfg.model.latent_l2 == [0.01, 0.1] and cfg.train.betas == [0.5, 0.9]
+    with pytest.raises(ConfigError, match="latent_l2"):
+        _resolve(overrides={"latent_l2": "0.1"})  # parses, but validate wants two values
+
+
+# -- dotted keys ------------------------------------------------------------------------------
+
+def test_dotted_keys():
+    cfg = C.apply_dict(C.RunConfig(), {"model.latent_dim": 7, "train.lr": 0.1}, "t")
+    assert cfg.model.latent_dim == 7 and cfg.train.lr == 0.1
+    assert _resolve(overrides={"model.depth": "40"}).model.depth == 40
+
+
+@pytest.mark.parametrize("key", ["train.latent_dim", "model.lr"])
+def test_dotted_key_wrong_section(key):
+    with pytest.raises(ConfigError, match=r"belongs in \["):
+        C.apply_dict(C.RunConfig(), {key: 1}, "t")
+    with pytest.raises(ConfigError, match="belongs in"):
+        _resolve(overrides={key: "1"})
+
+
+def test_nested_key_wrong_section_and_duplicate():
+    with pytest.raises(ConfigError, match=r"lr.*belongs in \[train\], not \[model\]"):
+        C.apply_dict(C.RunConfig(), {"model": {"lr": 0.1}}, "t")
+    with pytest.raises(ConfigError, match="twice"):
+        C.apply_dict(C.RunConfig(), {"depth": 1, "model": {"depth": 2}}, "t")
+    with pytest.raises(ConfigError, match="unknown"):
+        C.apply_dict(C.RunConfig(), {"model.depth.x": 1}, "t")
+
+
+# -- budget -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, secs", [
+    ("", None), ("  ", None), ("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400),
+    ("1.5h", 5400), ("90", 90), ("2.5", 2.5), ("1h 30m 5s", 5405), ("1M", 60),
+])
+def test_parse_budget(text, secs):
+    assert C.parse_budget(text) == secs
+
+
+@pytest.mark.parametrize("text", ["abc", "10x", "1h30", "30m1h", "-5", "0", "0s", "inf", "nan", "h"])
+def test_parse_budget_errors(text):
+    with pytest.raises(ConfigError, match="budget"):
+        C.parse_budget(text)
+
+
+def test_bad_budget_rejected_by_validate_with_source():
+    with pytest.raises(ConfigError, match=r"train\.budget.*RESVAE_BUDGET"):
+        _resolve(environ={"RESVAE_BUDGET": "ten minutes"})
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [
+    ("arch", "vgg"), ("likelihood", "poisson"), ("block", "wide"), ("shortcut", "sometimes"),
+    ("upsample", "bilinear"), ("dataset", "imagenet"), ("precision", "fp16"), ("device", "gpu"),
+    ("depth", "0"), ("width", "-1"), ("latent_dim", "0"), ("batch_size", "0"),
+    ("eval_batch_size", "-2"), ("val_fraction", "1.0"), ("val_fraction", "-0.1"),
+    ("betas", "0.9"), ("betas", "0.9,1.0"), ("lr", "0"), ("lr", "nan"), ("grad_clip", "-1"),
+    ("plateau_factor", "1"), ("max_epochs", "0"),
+])
+def test_validate_rejects_bad_values_naming_key_and_source(key, value):
+    with pytest.raises(ConfigError, match=rf"{key}.*--{key.replace('_', '-')}"):
+        _resolve(overrides={key: value})
+
+
+def test_validate_accepts_cuda_index_and_catches_direct_edits():
+    assert _resolve(overrides={"device": "cuda:1"}).train.device == "cuda:1"
+    cfg = C.RunConfig()
+    cfg.model.arch = "vgg"
+    with pytest.raises(ConfigError, match=r"model\.arch.*seed"):
+        C.validate(cfg)
+    cfg = C.RunConfig()
+    cfg.model.depth = "28"  # wrong type set by hand
+    with pytest.raises(ConfigError, match=r"model\.depth.*expected int"):
+        C.validate(cfg)
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+def test_preset_names():
+    names = C.preset_names()
+    assert {"seed-28", "seed-40", "seed-70", "seed-100", "cpu", "tiny"} <= set(names)
+
+
+@pytest.mark.parametrize("name", C.preset_names())
+def test_every_preset_loads_and_validates(name):
+    raw = C.load_preset(name)
+    assert set(raw) <= {"model", "data", "train"}
+    cfg = _resolve(preset=name)
+    C.validate(cfg)
+    # presets hold only differences from the defaults (seed-* pin depth to stay in sync)
+    for section, values in raw.items():
+        for key, value in values.items():
+            if key != "depth" or not name.startswith("seed-"):
+                assert value != C.fields_flat()[key][2], f"{name}: {key} repeats the default"
+
+
+def test_seed_presets_differ_only_in_depth_and_carry_study_values():
+    cfgs = {d: _resolve(preset=f"seed-{d}") for d in (28, 40, 70, 100)}
+    for d, cfg in cfgs.items():
+        m, data, t = cfg.model, cfg.data, cfg.train
+        assert m.depth == d
+        assert (m.arch, m.width, m.latent_dim, m.likelihood, m.block) == (
+            "seed", 1.0, 256, "bernoulli", "bottleneck")
+        assert m.latent_l2 == [0.01, 0.1]
+        assert (t.batch_size, t.lr, t.patience, t.min_delta) == (25, 1e-3, 50, 0.1)
+        assert (t.plateau_factor, t.plateau_patience, t.min_lr, t.max_epochs) == (0.5, 25, 1e-6, 1000)
+        assert data.dataset == "cifar10" and data.val_fraction == 0.0
+        d_ = C.to_dict(cfg)
+        d_["model"].pop("depth")
+        ref = C.to_dict(cfgs[28])
+        ref["model"].pop("depth")
+        assert d_ == ref
+    # the files themselves are identical apart from the depth line
+    root = Path(C.__file__).parent / "configs"
+    texts = [(root / f"seed-{d}.toml").read_text().splitlines() for d in (28, 40, 70, 100)]
+    for other in texts[1:]:
+        assert len(other) == len(texts[0])
+        diff = [(a, b) for a, b in zip(texts[0], other) if a != b]
+        assert len(diff) == 1 and diff[0][0].startswith("depth =")
+
+
+def test_small_presets():
+    cpu, tiny = _resolve(preset="cpu"), _resolve(preset="tiny")
+    assert (cpu.model.arch, cpu.model.block, cpu.model.depth, cpu.model.likelihood) == (
+        "resnet", "basic", 20, "dlogistic")
+    assert C.parse_budget(cpu.train.budget) is not None
+    assert tiny.data.dataset == "shapes" and tiny.train.max_epochs == 2 and tiny.model.latent_dim == 8
+
+
+# -- serialisation ----------------------------------------------------------------------------
+
+def test_to_dict_from_dict_round_trip():
+    cfg = _resolve(preset="cpu", overrides={"latent_l2": "0.5,0.25", "data_dir": "/d"})
+    d = C.to_dict(cfg)
+    assert set(d) == {"model", "data", "train"}
+    assert C.from_dict(json.loads(json.dumps(d))) == cfg
+
+
+def test_from_dict_is_strict():
+    d = C.to_dict(C.RunConfig())
+    d["model"]["depht"] = 3
+    with pytest.raises(ConfigError, match=r"checkpoint.*depht"):
+        C.from_dict(d, source="checkpoint")
+    with pytest.raises(ConfigError, match=r"model\.arch.*from config dict"):
+        C.from_dict({"model": {"arch": "vgg"}})
+
+
+def test_save_json_atomic(tmp_path):
+    cfg = _resolve(preset="tiny")
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    C.save_json(cfg, path)
+    assert C.from_dict(json.loads(path.read_text())) == cfg
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temp file left
+
+
+def test_save_json_failure_leaves_no_temp(tmp_path):
+    cfg = C.RunConfig()
+    cfg.train.lr = object()  # not JSON-serialisable
+    with pytest.raises(TypeError):
+        C.save_json(cfg, tmp_path / "config.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fields_flat():
+    ff = C.fields_flat()
+    assert ff["latent_dim"] == ("model", int, 256)
+    assert ff["latent_l2"] == ("model", list[float], [0.0, 0.0])
+    assert ff["budget"] == ("train", str, "")
+    assert ff["data_dir"][0] == "data"
+    ff["betas"][2].append(1.0)  # callers get copies of mutable defaults
+    assert C.fields_flat()["betas"][2] == [0.9, 0.999]
+    assert len(ff) == sum(len(dataclasses.fields(cls)) for cls in C.SECTIONS.values())
