@@ -184,7 +184,11 @@ def init_weights(module: nn.Module, scheme: str = "kaiming") -> None:
     (Keras' default glorot_uniform with zero biases, used by the seed family for fidelity)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            if scheme == "kaiming":
+            if scheme == "kaiming" and isinstance(m, nn.Linear):
+                # He init (fan_out) on the wide flatten->latent layer starts log-variances in
+                # the tens and the KL in the millions; Glorot keeps q(z|x) near the prior.
+                nn.init.xavier_uniform_(m.weight)
+            elif scheme == "kaiming":
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif scheme == "glorot":
                 nn.init.xavier_uniform_(m.weight)

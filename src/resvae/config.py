@@ -305,7 +305,8 @@ def load_preset(name: str) -> dict:
 
 
 def load_toml(path) -> dict:
-    """Nested dict of a TOML config file."""
+    """Nested dict of a config file: TOML, or JSON for a `.json` path (a run's config.json can be
+    reused as `--config runs/x/config.json`)."""
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
@@ -313,6 +314,11 @@ def load_toml(path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    if str(path).endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON: {e}") from None
     return _loads(text, str(path))
 
 

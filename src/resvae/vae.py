@@ -50,8 +50,9 @@ class VAE(nn.Module):
         Returns `loss` = distortion + rate, `rate` (KL(q||p)), `distortion` (-log p(x|z)), all (B,);
         `kl` per latent dim (B, latent_dim) for free bits; `bpd` where the likelihood is discrete.
         """
-        mean, logvar = self.encode(x)
-        params = self.decode(self.reparameterize(mean, logvar))
+        mean, logvar = (t.float() for t in self.encode(x))
+        # KL and likelihood run in float32 even under bf16 autocast: log-probs need the precision.
+        params = self.decode(self.reparameterize(mean, logvar)).float()
         distortion = self.likelihood.nll(params, x)
         # Analytic KL(N(mean, var) || N(0, 1)) per dimension.
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
@@ -92,7 +93,7 @@ class VAE(nn.Module):
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        mean, logvar = self.encode(x)
+        mean, logvar = (t.float() for t in self.encode(x))
         std = torch.exp(0.5 * logvar)
         b = x.shape[0]
         chunk = max(1, max_batch // b)
@@ -101,7 +102,7 @@ class VAE(nn.Module):
             c = min(chunk, k - start)
             eps = torch.randn(c, *mean.shape, device=mean.device, dtype=mean.dtype)
             z = mean + std * eps  # (c, B, L)
-            params = self.decode(z.flatten(0, 1))
+            params = self.decode(z.flatten(0, 1)).float()
             log_px = -self.likelihood.nll(params, x.repeat(c, 1, 1, 1)).view(c, b)
             log_pz = -0.5 * (z.square() + LOG_2PI).sum(-1)
             log_qz = -0.5 * (eps.square() + LOG_2PI + logvar).sum(-1)

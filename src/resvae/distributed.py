@@ -1,0 +1,150 @@
+"""torchrun / DistributedDataParallel, wired in one place (nanoGPT's way).
+
+`torchrun --nproc_per_node N -m resvae train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; we read them
+here and nowhere else. Everything else asks the `Runtime`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass
+class Runtime:
+    """Process-level state that is never written into the config."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' picks CUDA (one GPU per local rank), then MPS, then CPU; an explicit choice that is
+    not available is an error rather than a silent fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine "
+                           "(use --device cpu or auto)")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def setup(device: str = "auto") -> Runtime:
+    """Initialise the process group when launched by torchrun; a plain process is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return Runtime(resolve_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world, local_rank)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, rt: Runtime, sync_bn: bool = False) -> nn.Module:
+    """DDP-wrap the model (no-op for one process); optionally synchronise BatchNorm statistics."""
+    if not rt.ddp:
+        return model
+    if sync_bn:
+        model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if rt.device.type == "cuda"
+                 else convert_cpu_sync_bn(model))
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(t: Tensor, rt: Runtime) -> Tensor:
+    if rt.ddp:
+        dist.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is true on any: keeps early stops and budgets in lock step."""
+    if not rt.ddp:
+        return flag
+    t = torch.tensor([float(flag)], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.ddp:
+        dist.barrier()
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics span all ranks, for CPU/gloo.
+
+    nn.SyncBatchNorm refuses CPU tensors (its kernels are CUDA-only), yet `--sync-bn` must work
+    on CPU for tests and laptops. Two-pass mean/variance with autograd-aware all_reduce
+    (torch.distributed.nn), so gradients also flow through the global statistics.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = all_reduce(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype))
+        mean = all_reduce(x.sum(dims)) / count
+        var = all_reduce((x - mean.view(shape)).square().sum(dims)) / count
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * count / (count - 1), m)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+
+
+def convert_cpu_sync_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d/2d by a CPUSyncBatchNorm carrying the same state."""
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_cpu_sync_bn(child))
+    return module
+
+
+__all__ = ["Runtime", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "any_rank",
+           "barrier", "resolve_device", "CPUSyncBatchNorm", "convert_cpu_sync_bn"]
