@@ -279,7 +279,12 @@ def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progres
 
     autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) \
         if tc.precision == "bf16" else contextlib.nullcontext
-    per_rank = num_batches(len(data.train), tc.batch_size, world_size=rt.world_size)
+    # drop_last: a 1-image tail batch would break BatchNorm (and is a noisy step anyway); the
+    # images left out differ every epoch because the order is reshuffled.
+    per_rank = num_batches(len(data.train), tc.batch_size, world_size=rt.world_size, drop_last=True)
+    if per_rank == 0:
+        raise ValueError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
+                         f"than the {len(data.train)} training images (see --subset)")
     stop_reason, consecutive_skips = None, 0
 
     # --- the loop ---------------------------------------------------------------------------
@@ -294,7 +299,7 @@ def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progres
             peak_lr = opt.param_groups[0]["lr"]  # what the plateau schedule set; warm-up scales it
             batches = iterate_batches(data.train.images, tc.batch_size, shuffle=True,
                                       seed=tc.seed, epoch=epoch, rank=rt.rank,
-                                      world_size=rt.world_size)
+                                      world_size=rt.world_size, drop_last=True)
             bar = None
             if bar_on:
                 from tqdm.auto import tqdm
