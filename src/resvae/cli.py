@@ -73,8 +73,12 @@ def cmd_train(args) -> int:
         cfg = resolve(config_file=str(run / "config.json"), environ=os.environ, overrides=overrides)
         saved = resolve(config_file=str(run / "config.json"), environ={})
         if cfg.model != saved.model:
+            diff = ", ".join(f"{k} {getattr(saved.model, k)!r} in the run vs "
+                             f"{getattr(cfg.model, k)!r}" for k in MODEL_KEYS
+                             if getattr(cfg.model, k) != getattr(saved.model, k))
             raise ConfigError(f"--resume {run}: the model settings differ from the run's "
-                              "config.json (from flags or RESVAE_* variables); they must match")
+                              f"config.json ({diff}; from flags or RESVAE_* variables); "
+                              "they must match")
         out = run
     else:
         cfg = resolve(preset=args.preset, config_file=args.config, environ=os.environ,
@@ -83,7 +87,7 @@ def cmd_train(args) -> int:
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"--out {out}: already holds a run; use --resume {out} to continue "
                               "it, or choose another --out")
-    summary = train(cfg, out, resume=bool(args.resume), argv=sys.argv)
+    summary = train(cfg, out, resume=bool(args.resume), argv=args.argv)
     return 3 if summary.get("stop_reason") == "non_finite" else 0
 
 
@@ -121,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["resvae", *(sys.argv[1:] if argv is None else argv)]
     try:
         return args.func(args)
     except ValueError as e:  # ConfigError, DataError and bad model options are ValueErrors

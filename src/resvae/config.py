@@ -73,7 +73,7 @@ class TrainConfig:
     free_bits: float = 0.0  # nats per latent dim; 0 = off
     grad_clip: float = 0.0  # max grad norm; 0 = off
     skip_threshold: float = 0.0  # skip updates whose grad norm exceeds this; 0 = off
-    max_skips: int = 20  # this many non-finite/skipped updates in a row stop the run
+    max_skips: int = 20  # more than this many skipped updates in a row stop the run
     max_epochs: int = 1000
     budget: str = ""  # wall-clock budget, e.g. "90s", "10m", "2h", "1h30m"; "" = none
     patience: int = 0  # early stopping on val loss; 0 = off

@@ -98,6 +98,14 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
+def broadcast_buffers(module: nn.Module, rt: Runtime, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank: without sync BN each
+    rank's drift apart, yet evaluation and checkpoints must see one model."""
+    if rt.ddp:
+        for b in module.buffers():
+            dist.broadcast(b, src)
+
+
 def barrier(rt: Runtime) -> None:
     if rt.ddp:
         dist.barrier()

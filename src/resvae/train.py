@@ -62,7 +62,7 @@ def make_plateau(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.Re
     # seed presets' "patience 25" means what it meant in the study. Keras' min_delta 1e-4 is absolute.
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=cfg.plateau_factor, patience=max(cfg.plateau_patience - 1, 0),
-        threshold=1e-4, threshold_mode="abs", min_lr=cfg.min_lr)
+        threshold=1e-4, threshold_mode="abs", min_lr=cfg.min_lr, eps=0.0)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -83,6 +83,7 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     """One update. A non-finite loss or gradient norm (or one above `skip_threshold`) skips the
     update instead of poisoning the weights (VDVAE's guard); the caller counts skips."""
     opt.zero_grad(set_to_none=True)
+    saved = [b.detach().clone() for b in vae.buffers()]  # BN running stats, restored on a skip
     with autocast():
         out = model(x)
     rate = out["kl"].mean(0)  # (L,) nats per latent dim, batch mean
@@ -101,6 +102,9 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
         opt.step()
     else:
         opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the forward pass already moved the BN running statistics
+            for b, s in zip(vae.buffers(), saved):
+                b.copy_(s)
     stats = {k: out[k].detach().mean().item() for k in ("loss", "rate", "distortion")}
     return {**stats, "grad_norm": float(norm), "skipped": not ok}
 
@@ -145,9 +149,15 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """The one checkpoint loader: weights_only=True (no arbitrary pickles); strips torch.compile's
     `_orig_mod.` and DDP's `module.` prefixes."""
     state = torch.load(path, map_location=map_location, weights_only=True)
-    for prefix in ("_orig_mod.", "module."):
-        state["model"] = {k.removeprefix(prefix): v for k, v in state["model"].items()}
+    state["model"] = {_strip_wrappers(k): v for k, v in state["model"].items()}
     return state
+
+
+def _strip_wrappers(key: str) -> str:
+    # DDP and torch.compile can wrap each other in either order.
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> VAE:
@@ -188,10 +198,12 @@ def save_images(vae: VAE, val_images: np.ndarray, out: Path, epoch: int, rt: D.R
     vae.eval()
     gen = torch.Generator(device=rt.device).manual_seed(1234)
     save_grid(vae.sample(100, generator=gen), out / "samples" / f"epoch_{epoch:04d}.png")
-    x = to_input(torch.from_numpy(val_images[:50]), rt.device, False)
+    n = min(50, len(val_images) // 10 * 10) or len(val_images)  # whole rows of 10 when possible
+    nrow = min(10, n)
+    x = to_input(torch.from_numpy(val_images[:n]), rt.device, False)
     rec = vae.reconstruct(x)
-    pairs = torch.stack([x.view(5, 10, *x.shape[1:]), rec.view(5, 10, *x.shape[1:])], 1)
-    save_grid(pairs.flatten(0, 2), out / "recon" / f"epoch_{epoch:04d}.png")
+    pairs = torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1)
+    save_grid(pairs.flatten(0, 2), out / "recon" / f"epoch_{epoch:04d}.png", nrow=nrow)
     vae.train(was_training)
 
 
@@ -290,8 +302,8 @@ def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progres
     # --- the loop ---------------------------------------------------------------------------
     try:
         while stop_reason is None:
-            if epoch >= tc.max_epochs:
-                stop_reason = "max_epochs"
+            if epoch >= tc.max_epochs or early.should_stop:  # (a resumed run may be done)
+                stop_reason = "max_epochs" if epoch >= tc.max_epochs else "early_stopping"
                 break
             torch.manual_seed(epoch_seed(tc.seed, epoch, rt.rank))
             model.train()
@@ -337,8 +349,10 @@ def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progres
             epoch += 1
             seconds = time.monotonic() - t0
             train_seconds += seconds
+            # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
             means = D.all_reduce_sum(torch.tensor(sums / max(n_ok, 1), device=rt.device), rt)
-            means = (means / rt.world_size).tolist()
+            means = (means / rt.world_size).tolist() if n_ok else [None] * 3
+            D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
             val = evaluate(vae, data.val.images, tc.eval_batch_size, rt, tc.channels_last, autocast)
             improved = early.step(val["loss"])
             if tc.plateau_patience > 0:

@@ -1,0 +1,450 @@
+"""Tests for resvae.train: early stopping, the plateau schedule, the non-finite guard, exact
+resume, atomic checkpoints, the run directory, budgets, bf16/channels_last, and the `train` CLI.
+
+Runs use the `tiny` preset on a small slice of the shapes data: `load_dataset` is wrapped so the
+val/test splits hold 64 images instead of 2000 (evaluation would otherwise dominate the time).
+"""
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resvae.train as T
+from resvae import distributed as D
+from resvae.cli import main
+from resvae.config import resolve, to_dict
+from resvae.data import ImageSet, load_dataset
+
+_REAL_LOAD = load_dataset
+_CACHE = {}
+N_EVAL = 64  # val/test images per run (save_images needs >= 50)
+
+
+def _small_load(name, data_dir=None, *, subset=0, val_fraction=0.0, seed=0, **kw):
+    key = (name, subset, val_fraction, seed, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        d = _REAL_LOAD(name, data_dir, subset=subset, val_fraction=val_fraction, seed=seed, **kw)
+        d.val = ImageSet(d.val.images[:N_EVAL], None, d.val.classes)
+        d.test = ImageSet(d.test.images[N_EVAL:2 * N_EVAL], None, d.test.classes)
+        _CACHE[key] = d
+    return _CACHE[key]
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
+    for var in list(os.environ):
+        if var.startswith("RESVAE_") and var != "RESVAE_DATA":
+            monkeypatch.delenv(var)
+    monkeypatch.setattr(T, "load_dataset", _small_load)
+
+
+def cfg_for(**overrides):
+    base = {"subset": 64, "batch_size": 32, "device": "cpu", "max_epochs": 1}
+    return resolve(preset="tiny", environ={}, overrides={**base, **overrides})
+
+
+def read_metrics(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+def test_early_stopping_counts_epochs_without_min_delta_gain():
+    es = T.EarlyStopping(patience=3, min_delta=0.1)
+    assert es.step(10.0) and es.best == 10.0
+    assert not es.step(9.95) and es.wait == 1  # a gain of 0.05 < min_delta is no gain
+    assert not es.should_stop
+    assert es.step(9.85) and es.wait == 0 and es.best == 9.85  # 0.15 > min_delta: resets
+    stops = []
+    for v in (9.8, 9.9, 9.76):  # within min_delta of 9.85 each time
+        es.step(v)
+        stops.append(es.should_stop)
+    assert stops == [False, False, True]
+    assert es.best == 9.85
+    # patience 0 is "off": never stops, however long nothing improves
+    off = T.EarlyStopping(patience=0)
+    off.step(1.0)
+    for _ in range(50):
+        off.step(2.0)
+    assert not off.should_stop
+
+
+def test_early_stopping_end_to_end(tmp_path):
+    cfg = cfg_for(lr=1e-12, patience=2, min_delta=1e9, max_epochs=10, sample_every=0)
+    s = T.train(cfg, tmp_path / "run", progress=False)
+    assert s["stop_reason"] == "early_stopping"
+    assert s["epochs"] == 3 and s["best_epoch"] == 1
+    recs = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    assert s["best_val_loss"] == pytest.approx(recs[0]["val_loss"], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- plateau
+
+def _plateau(patience, factor=0.5, min_lr=0.0, lr=1e-3):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=lr)
+    tc = cfg_for(plateau_patience=patience, plateau_factor=factor, min_lr=min_lr).train
+    return opt, T.make_plateau(opt, tc)
+
+
+def _lrs(opt, sched, values):
+    out = []
+    for v in values:
+        sched.step(v)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def test_plateau_halves_after_exactly_patience_bad_epochs():
+    opt, sched = _plateau(2)
+    # improving (by more than the 1e-4 absolute threshold), then flat
+    lrs = _lrs(opt, sched, [10.0, 9.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.00005, 8.0])
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4])
+    # one bad epoch, then an improvement: the count restarts, no reduction
+    opt, sched = _plateau(2)
+    assert _lrs(opt, sched, [10.0, 10.0, 9.0, 9.0, 8.0]) == pytest.approx([1e-3] * 5)
+    # patience 1 (Keras): reduce after the first bad epoch
+    opt, sched = _plateau(1)
+    assert _lrs(opt, sched, [10.0, 10.0, 10.0]) == pytest.approx([1e-3, 5e-4, 2.5e-4])
+
+
+def test_plateau_respects_min_lr():
+    opt, sched = _plateau(2, min_lr=4e-4)
+    lrs = _lrs(opt, sched, [1.0] * 9)
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 4e-4, 4e-4, 4e-4, 4e-4, 4e-4])
+
+
+def test_plateau_end_to_end_lr_column(tmp_path, monkeypatch):
+    # Val loss that never improves (evaluate is replaced; training itself is real).
+    calls = []
+
+    def flat_evaluate(vae, images, *a, **k):
+        calls.append(len(images))
+        return {"loss": 100.0, "rate": 1.0, "distortion": 99.0, "bpd": 5.0}
+
+    monkeypatch.setattr(T, "evaluate", flat_evaluate)
+    cfg = cfg_for(plateau_patience=2, plateau_factor=0.5, min_lr=4e-4, lr=1e-3, max_epochs=8,
+                  sample_every=0)
+    s = T.train(cfg, tmp_path / "run", progress=False)
+    assert s["stop_reason"] == "max_epochs" and s["epochs"] == 8
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run")]
+    # the lr column is the lr each epoch trained with: bad epochs 2,3 -> halved from epoch 4 on;
+    # bad epochs 4,5 -> 2.5e-4, floored at min_lr 4e-4, from epoch 6 on
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 4e-4, 4e-4, 4e-4])
+    last = T.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(4e-4)
+    assert len(calls) == 9  # 8 val evaluations + the test split
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+def _step_setup():
+    cfg = cfg_for()
+    torch.manual_seed(0)
+    vae = T.build_from_config(cfg, (3, 32, 32))
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    x = torch.from_numpy(_small_load("shapes", subset=64).train.images[:16]).float() / 255
+    return cfg, vae, opt, x
+
+
+def _params(vae):
+    return {k: v.detach().clone() for k, v in vae.named_parameters()}
+
+
+def _adam_steps(opt):
+    return sorted({int(s["step"]) for s in opt.state.values()})
+
+
+def test_training_step_skips_non_finite_batch():
+    cfg, vae, opt, x = _step_setup()
+    before = _params(vae)
+    s = T.training_step(vae, vae, x, opt, cfg.train)
+    assert s["skipped"] is False and math.isfinite(s["loss"])
+    after = _params(vae)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # a finite batch updates
+    assert _adam_steps(opt) == [1]
+
+    bad = x.clone()
+    bad[3, 1, 5, 7] = float("nan")
+    s = T.training_step(vae, vae, bad, opt, cfg.train)
+    assert s["skipped"] is True
+    for k, v in _params(vae).items():
+        assert torch.equal(v, after[k]), k
+    assert _adam_steps(opt) == [1]  # the optimizer did not step
+    assert all(p.grad is None for p in vae.parameters())  # no stale NaN grads left behind
+
+    s = T.training_step(vae, vae, x, opt, cfg.train)  # training continues normally
+    assert s["skipped"] is False and _adam_steps(opt) == [2]
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+
+
+def test_training_step_skip_threshold():
+    cfg, vae, opt, x = _step_setup()
+    tc = cfg_for(skip_threshold=1e-6).train  # every real gradient norm is above this
+    before = _params(vae)
+    s = T.training_step(vae, vae, x, opt, tc)
+    assert s["skipped"] is True and s["grad_norm"] > 1e-6
+    assert all(torch.equal(v, before[k]) for k, v in _params(vae).items())
+
+
+def test_skipped_step_leaves_batchnorm_buffers_intact():
+    cfg, vae, opt, x = _step_setup()
+    bufs = {k: v.clone() for k, v in vae.named_buffers()}
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    assert T.training_step(vae, vae, bad, opt, cfg.train)["skipped"]
+    for k, v in vae.named_buffers():
+        assert torch.equal(v, bufs[k]), k
+    rt = D.Runtime(torch.device("cpu"))
+    assert math.isfinite(T.evaluate(vae, (x[:8] * 255).to(torch.uint8).numpy(), 8, rt)["loss"])
+
+
+def _nan_batches(monkeypatch):
+    real = T.training_step
+
+    def nan_step(model, vae, x, *a, **k):
+        return real(model, vae, torch.full_like(x, float("nan")), *a, **k)
+
+    monkeypatch.setattr(T, "training_step", nan_step)
+
+
+def test_non_finite_stops_run_and_cli_exit_code_3(tmp_path, monkeypatch, capsys):
+    _nan_batches(monkeypatch)
+    cfg = cfg_for(max_skips=3, max_epochs=10, sample_every=0)
+    s = T.train(cfg, tmp_path / "run", progress=False)
+    # 2 batches per epoch: skips 1-2 in epoch 1, 3-4 in epoch 2; the 4th (> max_skips) stops
+    assert s["stop_reason"] == "non_finite"
+    assert s["epochs"] == 2 and s["steps"] == 4 and s["skipped_updates"] == 4
+    recs = read_metrics(tmp_path / "run")
+    assert [r["skipped"] for r in recs] == [2, 2]
+    assert recs[-1]["partial"] is True
+    assert "non-finite" in capsys.readouterr().err
+
+    rc = main(["train", "--preset", "tiny", "--out", str(tmp_path / "cli"), "--subset", "64",
+               "--device", "cpu", "--max-skips", "1", "--max-epochs", "5", "--sample-every", "0"])
+    assert rc == 3
+    assert read_json(tmp_path / "cli" / "summary.json")["stop_reason"] == "non_finite"
+
+
+# ----------------------------------------------------------------------------- resume
+
+IGNORE = {"epoch_seconds", "images_per_s"}
+
+
+def _same_records(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for k in set(ra) - IGNORE:
+            if isinstance(ra[k], float):
+                assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9), (ra["epoch"], k)
+            else:
+                assert rb[k] == ra[k], (ra["epoch"], k)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    sa = T.train(cfg_for(max_epochs=3, batch_size=16), a, progress=False)
+    sb1 = T.train(cfg_for(max_epochs=1, batch_size=16), b, progress=False)
+    assert sb1["epochs"] == 1 and len(read_metrics(b)) == 1
+    sb = T.train(cfg_for(max_epochs=3, batch_size=16), b, resume=True, progress=False)
+    assert sa["epochs"] == sb["epochs"] == 3 and sa["steps"] == sb["steps"] == 12
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [r["epoch"] for r in rb] == [1, 2, 3]
+    _same_records(ra, rb)
+    assert sb["best_epoch"] == sa["best_epoch"]
+    assert sb["test_loss"] == pytest.approx(sa["test_loss"], rel=1e-6)
+    wa = T.load_checkpoint(a / "checkpoints" / "last.pt")
+    wb = T.load_checkpoint(b / "checkpoints" / "last.pt")
+    for k, v in wa["model"].items():
+        torch.testing.assert_close(wb["model"][k], v, rtol=1e-6, atol=1e-6, msg=k)
+    assert read_json(b / "config.json")["train"]["max_epochs"] == 3
+
+
+def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    T.train(cfg_for(max_epochs=1, sample_every=0), run, progress=False)
+    good = (run / "metrics.jsonl").read_text()
+    with open(run / "metrics.jsonl", "a") as f:  # a crash after logging epoch 2, before its ckpt
+        f.write(json.dumps({"epoch": 2, "train_loss": 1.0}) + "\n")
+    T.train(cfg_for(max_epochs=2, sample_every=0), run, resume=True, progress=False)
+    recs = read_metrics(run)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert (run / "metrics.jsonl").read_text().startswith(good)
+    assert recs[1]["train_loss"] != 1.0
+
+
+def test_cli_resume_and_model_mismatch(tmp_path, capsys):
+    run = str(tmp_path / "b2")
+    common = ["--subset", "64", "--device", "cpu", "--sample-every", "0"]
+    assert main(["train", "--preset", "tiny", "--out", run, "--max-epochs", "1", *common]) == 0
+    assert main(["train", "--resume", run, "--max-epochs", "2"]) == 0
+    assert [r["epoch"] for r in read_metrics(tmp_path / "b2")] == [1, 2]
+    assert read_json(tmp_path / "b2" / "summary.json")["epochs"] == 2
+    capsys.readouterr()
+
+    assert main(["train", "--resume", run, "--max-epochs", "3", "--latent-dim", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "model settings differ" in err
+    assert len(read_metrics(tmp_path / "b2")) == 2  # nothing ran
+
+    assert main(["train", "--resume", run, "--preset", "tiny"]) == 2
+    assert "drop --preset" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoints/last.pt" in capsys.readouterr().err
+
+
+def test_cli_resume_mismatch_names_the_setting(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    assert main(["train", "--preset", "tiny", "--out", run, "--max-epochs", "1", "--subset", "64",
+                 "--device", "cpu", "--sample-every", "0"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", run, "--latent-dim", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "latent_dim" in err and "8" in err and "16" in err
+
+
+def test_cli_records_its_own_argv(tmp_path):
+    argv = ["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--max-epochs", "1",
+            "--subset", "64", "--device", "cpu", "--sample-every", "0"]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "r" / "argv.json").read_text())
+    assert "--max-epochs" in saved and "--subset" in saved
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    p = tmp_path / "ckpts" / "last.pt"
+    state1 = {"model": {"w": torch.arange(4.0)}, "epoch": 1}
+    T.save_checkpoint(state1, p)
+    real_save = torch.save
+
+    def half_then_fail(obj, f, *a, **k):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data = buf.getvalue()
+        with open(f, "wb") as fh:
+            fh.write(data[:len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", half_then_fail)
+    state2 = {"model": {"w": torch.ones(1000)}, "epoch": 2}
+    with pytest.raises(OSError, match="No space"):
+        T.save_checkpoint(state2, p)
+    monkeypatch.undo()
+    got = T.load_checkpoint(p)
+    assert got["epoch"] == 1 and torch.equal(got["model"]["w"], state1["model"]["w"])
+    assert os.listdir(p.parent) == ["last.pt"]  # no temp file left behind
+
+
+def test_load_checkpoint_strips_wrapper_prefixes(tmp_path):
+    p = tmp_path / "c.pt"
+    T.save_checkpoint({"model": {"module.a": torch.ones(1), "_orig_mod.b": torch.zeros(1),
+                                 "_orig_mod.module.c": torch.zeros(2), "d": torch.ones(2)}}, p)
+    assert set(T.load_checkpoint(p)["model"]) == {"a", "b", "c", "d"}
+
+
+# ----------------------------------------------------------------------------- run directory
+
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "rate", "distortion", "val_bpd", "lr",
+               "skipped", "epoch_seconds", "images_per_s"}
+SUMMARY_KEYS = {"stop_reason", "epochs", "best_epoch", "best_val_loss", "final_train_loss",
+                "test_bpd", "training_seconds"}
+
+
+def test_run_directory_contents(tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    cfg = cfg_for(max_epochs=2)
+    s = T.train(cfg, run, progress=False)
+    assert read_json(run / "config.json") == to_dict(cfg)
+    recs = read_metrics(run)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    for r in recs:
+        assert METRIC_KEYS <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("train_loss", "val_loss", "val_bpd", "lr"))
+        assert r["val_bpd"] == pytest.approx(r["val_loss"] / (3072 * math.log(2)), rel=1e-6)
+        assert r["skipped"] == 0
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert last["epoch"] == 2 and best["epoch"] == s["best_epoch"]
+    st = load_file(str(run / "checkpoints" / "best.safetensors"))
+    assert set(st) == set(best["model"])
+    for k, v in best["model"].items():
+        assert torch.equal(st[k], v), k
+    for sub in ("samples", "recon"):
+        for ep in (1, 2):
+            with Image.open(run / sub / f"epoch_{ep:04d}.png") as im:
+                assert im.size == (331, 331) and im.mode == "RGB"
+    grid = np.asarray(Image.open(run / "samples" / "epoch_0001.png"))
+    assert (grid[::33] == 255).all() and (grid[:, ::33] == 255).all()  # white 1-pixel gutters
+    summary = read_json(run / "summary.json")
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["stop_reason"] == "max_epochs" and summary["epochs"] == 2
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in recs)
+    assert summary["final_train_loss"] == recs[-1]["train_loss"]
+    assert math.isfinite(summary["test_bpd"]) and summary["world_size"] == 1
+    vae, cfg2 = T.load_model(run)
+    assert cfg2 == cfg and not vae.training
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, best["model"][k]), k
+
+
+def test_small_val_split_does_not_crash_image_grids(tmp_path):
+    run = tmp_path / "run"
+    cfg = cfg_for(val_fraction=0.25, batch_size=16)  # 48 train, 16 val images
+    s = T.train(cfg, run, progress=False)
+    assert s["stop_reason"] == "max_epochs"
+    assert (run / "recon" / "epoch_0001.png").exists()
+
+
+def test_save_grid_size(tmp_path):
+    T.save_grid(torch.rand(23, 1, 8, 8), tmp_path / "g.png", nrow=10)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (10 * 9 + 1, 3 * 9 + 1) and im.mode == "L"
+
+
+# ----------------------------------------------------------------------------- budget, precision
+
+def test_budget_stops_the_run(tmp_path):
+    cfg = cfg_for(budget="1s", subset=1024, max_epochs=5, sample_every=0)
+    s = T.train(cfg, tmp_path / "run", progress=False)
+    assert s["stop_reason"] == "budget"
+    assert s["epochs"] == 1 and 0 < s["steps"] < 1024 // 32  # stopped inside epoch 1
+    recs = read_metrics(tmp_path / "run")
+    assert len(recs) == 1 and recs[0]["partial"] is True and math.isfinite(recs[0]["val_loss"])
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_bf16_channels_last_one_epoch(tmp_path):
+    cfg = cfg_for(precision="bf16", channels_last=True, sample_every=0)
+    s = T.train(cfg, tmp_path / "run", progress=False)
+    assert s["stop_reason"] == "max_epochs" and s["skipped_updates"] == 0
+    r = read_metrics(tmp_path / "run")[0]
+    assert all(math.isfinite(r[k]) for k in ("train_loss", "val_loss", "rate", "distortion"))
+    assert math.isfinite(s["test_loss"])
+
+
+def test_cli_refuses_existing_run_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    rc = main(["train", "--preset", "tiny", "--out", str(run), "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--resume {run}" in err and "already holds a run" in err
+    assert not (run / "config.json").exists()
