@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+import resvae.train as T
+from resvae.data import ImageSet, load_dataset
+
 # Tests run on 2 shared cores: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -17,3 +20,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# --- small training runs (test_train, test_cli) ----------------------------------------------
+_CACHE = {}
+N_EVAL = 64  # val/test images per run (save_images needs >= 50)
+
+
+def small_load(name, data_dir=None, *, subset=0, val_fraction=0.0, seed=0, **kw):
+    """The real load_dataset, with 64-image val/test splits instead of the shapes test split's
+    2000 (evaluation would otherwise dominate the tests' time)."""
+    key = (name, subset, val_fraction, seed, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        d = load_dataset(name, data_dir, subset=subset, val_fraction=val_fraction, seed=seed, **kw)
+        d.val = ImageSet(d.val.images[:N_EVAL], None, d.val.classes)
+        d.test = ImageSet(d.test.images[N_EVAL:2 * N_EVAL], None, d.test.classes)
+        _CACHE[key] = d
+    return _CACHE[key]
+
+
+@pytest.fixture
+def small_runs(tmp_path, monkeypatch):
+    """A private data cache, no RESVAE_* variables from the caller, and small eval splits."""
+    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
+    for var in list(os.environ):
+        if var.startswith("RESVAE_") and var != "RESVAE_DATA":
+            monkeypatch.delenv(var)
+    monkeypatch.setattr(T, "load_dataset", small_load)

@@ -12,29 +12,8 @@ import pytest
 
 import resvae.train as T
 from resvae.cli import main
-from resvae.data import ImageSet, load_dataset
 
-_CACHE = {}
-
-
-def _small_load(name, data_dir=None, *, subset=0, **kw):
-    # The real data, but 64-image val/test splits instead of the shapes test split's 2000.
-    key = (name, subset, tuple(sorted(kw.items())))
-    if key not in _CACHE:
-        d = load_dataset(name, data_dir, subset=subset, **kw)
-        d.val = ImageSet(d.val.images[:64], None, d.val.classes)
-        d.test = ImageSet(d.test.images[64:128], None, d.test.classes)
-        _CACHE[key] = d
-    return _CACHE[key]
-
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
-    for var in list(os.environ):
-        if var.startswith("RESVAE_") and var != "RESVAE_DATA":
-            monkeypatch.delenv(var)
-    monkeypatch.setattr(T, "load_dataset", _small_load)
+pytestmark = pytest.mark.usefixtures("small_runs")
 
 
 def _exit_code(argv):

@@ -13,36 +13,15 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import small_load
 from PIL import Image
 
 import resvae.train as T
 from resvae import distributed as D
 from resvae.cli import main
 from resvae.config import resolve, to_dict
-from resvae.data import ImageSet, load_dataset
 
-_REAL_LOAD = load_dataset
-_CACHE = {}
-N_EVAL = 64  # val/test images per run (save_images needs >= 50)
-
-
-def _small_load(name, data_dir=None, *, subset=0, val_fraction=0.0, seed=0, **kw):
-    key = (name, subset, val_fraction, seed, tuple(sorted(kw.items())))
-    if key not in _CACHE:
-        d = _REAL_LOAD(name, data_dir, subset=subset, val_fraction=val_fraction, seed=seed, **kw)
-        d.val = ImageSet(d.val.images[:N_EVAL], None, d.val.classes)
-        d.test = ImageSet(d.test.images[N_EVAL:2 * N_EVAL], None, d.test.classes)
-        _CACHE[key] = d
-    return _CACHE[key]
-
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
-    for var in list(os.environ):
-        if var.startswith("RESVAE_") and var != "RESVAE_DATA":
-            monkeypatch.delenv(var)
-    monkeypatch.setattr(T, "load_dataset", _small_load)
+pytestmark = pytest.mark.usefixtures("small_runs")
 
 
 def cfg_for(**overrides):
@@ -155,7 +134,7 @@ def _step_setup():
     torch.manual_seed(0)
     vae = T.build_from_config(cfg, (3, 32, 32))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    x = torch.from_numpy(_small_load("shapes", subset=64).train.images[:16]).float() / 255
+    x = torch.from_numpy(small_load("shapes", subset=64).train.images[:16]).float() / 255
     return cfg, vae, opt, x
 
 

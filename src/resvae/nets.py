@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import Tensor, nn
 
 from .blocks import BLOCKS, Bottleneck, init_weights, make_stage, residual_scale_

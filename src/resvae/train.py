@@ -200,7 +200,9 @@ def save_images(vae: VAE, val_images: np.ndarray, out: Path, epoch: int, rt: D.R
     save_grid(vae.sample(100, generator=gen), out / "samples" / f"epoch_{epoch:04d}.png")
     n = min(50, len(val_images) // 10 * 10) or len(val_images)  # whole rows of 10 when possible
     nrow = min(10, n)
-    x = to_input(torch.from_numpy(val_images[:n]), rt.device, False)
+    # Evenly spaced images: test splits are often sorted by class (all airplanes first).
+    pick = np.linspace(0, len(val_images) - 1, n).round().astype(np.int64)
+    x = to_input(torch.from_numpy(val_images[pick]), rt.device, False)
     rec = vae.reconstruct(x)
     pairs = torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1)
     save_grid(pairs.flatten(0, 2), out / "recon" / f"epoch_{epoch:04d}.png", nrow=nrow)
@@ -412,7 +414,7 @@ def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progres
         atomic_write(out / "summary.json",
                      lambda t: t.write_text(json.dumps(summary, indent=2) + "\n"))
         print(f"resvae: stopped ({stop_reason}) after {epoch} epochs, "
-              f"{train_seconds:.0f}s training; best val loss {summary['best_val_loss']} "
+              f"{train_seconds:.0f}s training; best val loss {early.best:.2f} "
               f"at epoch {best_epoch}; test loss {test['loss']:.2f}"
               + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""), flush=True)
     return summary
