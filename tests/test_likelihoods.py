@@ -122,30 +122,65 @@ def test_bernoulli_matches_study_formula():
 
 # --- gaussian ---------------------------------------------------------------------------
 
+def _phi(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
 def test_gaussian_fixed_std_hand_formula_eval():
+    # Eval: the exact mass of the pixel's bin [k/256, (k+1)/256), edge bins taking the tails.
     lik = Gaussian(std=0.1).eval()
     x = torch.tensor([0.0, 1.0, 37 / 255]).view(1, 3, 1, 1)
     mu = torch.tensor([0.1, 0.9, 0.2]).view(1, 3, 1, 1)
     want = 0.0
     for m, xi in zip(mu.flatten().tolist(), x.flatten().tolist()):
-        y = (255 * xi + 0.5) / 256
-        want += 0.5 * ((y - m) / 0.1) ** 2 + math.log(0.1) + 0.5 * math.log(2 * math.pi)
-        want += math.log(256)
-    assert lik.nll(mu, x).item() == pytest.approx(want, rel=1e-6)
+        k = round(255 * xi)
+        hi = 1.0 if k == 255 else _phi(((k + 1) / 256 - m) / 0.1)
+        lo = 0.0 if k == 0 else _phi((k / 256 - m) / 0.1)
+        want -= math.log(hi - lo)
+    assert lik.nll(mu, x).item() == pytest.approx(want, rel=1e-5)
     assert lik.n_params(3) == 3 and Gaussian.discrete is True
 
 
 def test_gaussian_learned_params_and_formula():
     lik = Gaussian().eval()
     assert lik.n_params(1) == 2 and lik.n_params(3) == 6
-    x = images(b=2, c=3)
-    p = torch.randn(2, 6, 4, 5, generator=torch.Generator().manual_seed(3))
-    p[:, 3:] = p[:, 3:] * 5  # some log-stds beyond the clamp
-    mu, log_std = p[:, :3], p[:, 3:].clamp(-7, 2)
-    y = (255 * x + 0.5) / 256
-    want = -torch.distributions.Normal(mu, log_std.exp()).log_prob(y).sum((1, 2, 3))
-    want = want + 3 * 4 * 5 * math.log(256)
-    assert torch.allclose(lik.nll(p, x), want, rtol=1e-5)
+    x = images(b=2, c=3).double()
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(2, 6, 4, 5, generator=g, dtype=torch.float64)
+    p[:, 3:] = p[:, 3:] * 6 - 3  # log-stds in [-3, 3]: some beyond the clamp at 2
+    mu, std = p[:, :3], p[:, 3:].clamp(-7, 2).exp()
+    # Reference in 50-digit arithmetic (mpmath ships with torch via sympy): float64 CDF
+    # differences cancel in the tails.
+    import mpmath
+
+    mpmath.mp.dps = 50
+    want = torch.zeros(2, dtype=torch.float64)
+    for i, (m, s, xi) in enumerate(zip(mu.flatten().tolist(), std.flatten().tolist(),
+                                       x.flatten().tolist())):
+        k = round(255 * xi)
+        hi = 1 if k == 255 else mpmath.ncdf(((k + 1) / mpmath.mpf(256) - m) / s)
+        lo = 0 if k == 0 else mpmath.ncdf((k / mpmath.mpf(256) - m) / s)
+        want[i // 60] -= float(mpmath.log(hi - lo))
+    assert torch.allclose(lik.nll(p, x), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("std,mu", [(0.3, 0.5), (0.01, 0.2), (1e-3, -0.4), (7.0, 1.3)])
+def test_gaussian_eval_masses_sum_to_one(std, mu):
+    lik = Gaussian(std=std).eval()
+    x = (torch.arange(256, dtype=torch.float64) / 255).view(256, 1, 1, 1)
+    p = torch.exp(-lik.nll(torch.full_like(x, mu), x))
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("std,mu", [(0.02, 0.4), (0.004, 0.3926), (0.002, 0.39)])
+def test_gaussian_eval_mass_is_below_the_training_bound(std, mu):
+    # E_u[-log N(y)] + log 256, in closed form for y uniform on the bin (centre c, width w).
+    w, c = 1 / 256, 100.5 / 256
+    bound = (0.5 * ((c - mu) ** 2 + w**2 / 12) / std**2 + math.log(std)
+             + 0.5 * math.log(2 * math.pi) + math.log(256))
+    x = torch.full((1, 1, 1, 1), 100 / 255, dtype=torch.float64)
+    exact = Gaussian(std=std).eval().nll(torch.full_like(x, mu), x).item()
+    assert 0 <= exact <= bound
 
 
 def test_gaussian_training_noise_vs_eval_determinism():
