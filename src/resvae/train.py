@@ -262,7 +262,7 @@ def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progres
     if tc.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     model = D.wrap(vae, rt, tc.sync_bn)
-    vae = D.unwrap(model)  # SyncBN conversion may have replaced modules: keep the wrapped one
+    vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                            weight_decay=tc.weight_decay)
     plateau = make_plateau(opt, tc)
