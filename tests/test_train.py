@@ -441,3 +441,14 @@ def test_seed_preset_trains_end_to_end(tmp_path):
     assert rec["val_bpd"] is None and math.isfinite(rec["val_loss"])
     # 3072 x BCE per image: an untrained net sits near 3072 * ln 2 nats, far below 2x that.
     assert 1000 < rec["val_loss"] < 2 * 3072 * math.log(2)
+
+
+def test_resume_applies_a_changed_lr(tmp_path, capsys):
+    run = str(tmp_path / "lr")
+    common = ["--subset", "64", "--device", "cpu", "--sample-every", "0"]
+    assert main(["train", "--preset", "tiny", "--out", run, "--max-epochs", "1", *common]) == 0
+    assert main(["train", "--resume", run, "--max-epochs", "2", "--lr", "0.0005"]) == 0
+    assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert [r["lr"] for r in read_metrics(tmp_path / "lr")] == [1e-3, 5e-4]
+    opt = T.load_checkpoint(tmp_path / "lr" / "checkpoints" / "last.pt")["optimizer"]
+    assert all(g["lr"] == 5e-4 for g in opt["param_groups"])

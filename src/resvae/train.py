@@ -275,6 +275,16 @@ def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progres
         state = load_checkpoint(ckpt_dir / "last.pt", map_location=rt.device)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        # The optimizer's state carries the old hyper-parameters: a changed --lr / --betas /
+        # --weight-decay on resume is applied on purpose, not silently dropped.
+        was = state["config"]["train"]
+        for key, value in (("lr", tc.lr), ("betas", tuple(tc.betas)),
+                           ("weight_decay", tc.weight_decay)):
+            if (tuple(was[key]) if key == "betas" else was[key]) != value:
+                for g in opt.param_groups:
+                    g[key] = value
+                if rt.is_main:
+                    print(f"resvae: resume: {key} {was[key]} -> {value}", flush=True)
         plateau.load_state_dict(state["plateau"])
         early = EarlyStopping(**state["early"])
         epoch, step, best_epoch = state["epoch"], state["step"], state["best_epoch"]
