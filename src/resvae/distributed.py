@@ -111,12 +111,29 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum of the ranks' gradients (what the deprecated
+    torch.distributed.nn.functional.all_reduce does; its replacement is a private module)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics span all ranks, for CPU/gloo.
 
     nn.SyncBatchNorm refuses CPU tensors (its kernels are CUDA-only), yet `--sync-bn` must work
-    on CPU for tests and laptops. Two-pass mean/variance with autograd-aware all_reduce
-    (torch.distributed.nn), so gradients also flow through the global statistics.
+    on CPU for tests and laptops. Two-pass mean/variance with an autograd-aware all_reduce,
+    so gradients also flow through the global statistics.
     """
 
     def _check_input_dim(self, x: Tensor) -> None:
@@ -126,8 +143,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = all_reduce(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype))
