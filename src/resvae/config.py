@@ -87,7 +87,6 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = False
     sample_every: int = 10  # epochs between sample/recon grids (and always at the end)
-    log_every: int = 0  # steps between progress-bar postfix refreshes; 0 = auto
 
 
 @dataclass
@@ -251,7 +250,7 @@ _POSITIVE = ("depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_
              "max_skips", "max_epochs")
 _NONNEG = ("gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
            "kl_anneal_steps", "free_bits", "grad_clip", "skip_threshold", "patience", "min_delta",
-           "plateau_patience", "min_lr", "seed", "sample_every", "log_every")
+           "plateau_patience", "min_lr", "seed", "sample_every")
 
 
 def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:

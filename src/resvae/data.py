@@ -142,8 +142,8 @@ def _cached(cache_dir: Path, key_parts: list, decode: Callable[[], tuple[ImageSe
         os.replace(tmp, path)
     except OSError as e:
         warnings.warn(f"dataset cache directory {cache_dir} is not writable ({e}); continuing "
-                      "without caching, so the next run decodes again. Set RESVAE_DATA or "
-                      "--cache-dir to a writable directory.", stacklevel=3)
+                      "without caching, so the next run decodes again. Point RESVAE_DATA at a "
+                      "writable directory.", stacklevel=3)
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return train, test
