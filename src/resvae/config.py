@@ -15,7 +15,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
+
+from .files import atomic_write
 
 
 class ConfigError(ValueError):
@@ -381,18 +382,5 @@ def from_dict(d: Mapping, source: str = "config dict") -> RunConfig:
 
 def save_json(cfg: RunConfig, path) -> None:
     """Write ``to_dict(cfg)`` as JSON atomically, so readers never see a half-written file."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; config.json is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(to_dict(cfg), indent=2) + "\n"  # serialise first: a bad value writes nothing
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

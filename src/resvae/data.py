@@ -15,7 +15,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from .files import atomic_write
 
 DATASETS = ("cifar10", "folder", "mnist", "fashion-mnist", "shapes")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -132,20 +133,17 @@ def _cached(cache_dir: Path, key_parts: list, decode: Callable[[], tuple[ImageSe
         arrays[f"{s}_images"] = ims.images
         if ims.labels is not None:
             arrays[f"{s}_labels"] = ims.labels
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Temp file in the same directory + os.replace: readers never see a half-written cache.
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = f.name
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez(f, **arrays)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except OSError as e:
         warnings.warn(f"dataset cache directory {cache_dir} is not writable ({e}); continuing "
                       "without caching, so the next run decodes again. Point RESVAE_DATA at a "
                       "writable directory.", stacklevel=3)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
     return train, test
 
 
@@ -327,24 +325,26 @@ def _check_md5(path: Path) -> None:
 
 
 def _download(url: str, dest: Path) -> None:
-    """Download url to dest atomically (temp file + rename), then verify its md5."""
+    """Download url to dest atomically (temp file + rename), verifying its md5 before the rename."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     except OSError as e:
         raise DataError(f"cannot write the CIFAR-10 download to {dest.parent}: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
+
+    def fetch(tmp: Path) -> None:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
             total = int(r.headers.get("Content-Length") or 0) or None
             with _progress(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
-        got = _md5(Path(tmp))
+        got = _md5(tmp)
         if got != CIFAR10_MD5:
             raise DataError(f"download from {url} has md5 {got}, expected {CIFAR10_MD5}; "
                             "the server sent something other than the CIFAR-10 python archive")
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, fetch)
     except DataError:
         raise
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
@@ -352,9 +352,6 @@ def _download(url: str, dest: Path) -> None:
                         "offline or the host is unreachable. Point at local data instead with "
                         f"--data-dir PATH or RESVAE_DATA_DIR=PATH; accepted: {CIFAR10_LAYOUTS}"
                         ) from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _find_cifar(path: Path) -> tuple[str, Path] | None:

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from . import distributed as D
 from .config import RunConfig, from_dict, parse_budget, save_json, to_dict
 from .data import iterate_batches, load_dataset, num_batches
-from .vae import VAE, build_vae
+from .files import atomic_write
+from .vae import VAE, build_vae, eval_mode
 
 
 @dataclass
@@ -114,31 +115,19 @@ def evaluate(vae: VAE, images: np.ndarray, batch_size: int, rt: D.Runtime,
              channels_last: bool = False, autocast=contextlib.nullcontext) -> dict:
     """Mean negative ELBO and its parts over `images`, exact across DDP ranks (rank r takes every
     world_size-th image; sums and counts are all-reduced, no padding is double counted)."""
-    was_training = vae.training
-    vae.eval()
     shard = images[rt.rank::rt.world_size]
     keys = ["loss", "rate", "distortion"] + (["bpd"] if vae.likelihood.discrete else [])
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=rt.device)
-    for start in range(0, len(shard), batch_size):
-        x = to_input(torch.from_numpy(shard[start:start + batch_size]), rt.device, channels_last)
-        with autocast():
-            out = vae(x)
-        sums[:-1] += torch.stack([out[k].double().sum() for k in keys])
-        sums[-1] += x.shape[0]
+    with eval_mode(vae):
+        for start in range(0, len(shard), batch_size):
+            x = to_input(torch.from_numpy(shard[start:start + batch_size]), rt.device,
+                         channels_last)
+            with autocast():
+                out = vae(x)
+            sums[:-1] += torch.stack([out[k].double().sum() for k in keys])
+            sums[-1] += x.shape[0]
     D.all_reduce_sum(sums, rt)
-    vae.train(was_training)
     return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory + os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -194,19 +183,17 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
 def save_images(vae: VAE, val_images: np.ndarray, out: Path, epoch: int, rt: D.Runtime) -> None:
     """A 10x10 grid from the prior (fixed z, so grids are comparable across epochs) and
     inputs above their reconstructions (5 pairs of rows)."""
-    was_training = vae.training
-    vae.eval()
-    gen = torch.Generator(device=rt.device).manual_seed(1234)
-    save_grid(vae.sample(100, generator=gen), out / "samples" / f"epoch_{epoch:04d}.png")
     n = min(50, len(val_images) // 10 * 10) or len(val_images)  # whole rows of 10 when possible
     nrow = min(10, n)
     # Evenly spaced images: test splits are often sorted by class (all airplanes first).
     pick = np.linspace(0, len(val_images) - 1, n).round().astype(np.int64)
     x = to_input(torch.from_numpy(val_images[pick]), rt.device, False)
-    rec = vae.reconstruct(x)
+    gen = torch.Generator(device=rt.device).manual_seed(1234)
+    with eval_mode(vae):
+        samples, rec = vae.sample(100, generator=gen), vae.reconstruct(x)
+    save_grid(samples, out / "samples" / f"epoch_{epoch:04d}.png")
     pairs = torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1)
     save_grid(pairs.flatten(0, 2), out / "recon" / f"epoch_{epoch:04d}.png", nrow=nrow)
-    vae.train(was_training)
 
 
 def _want_bar() -> bool:

@@ -6,7 +6,9 @@ The encoder and decoder are modules nested in the VAE and usable alone: the gene
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -135,16 +137,25 @@ def build_vae(arch: str = "seed", depth: int = 28, width: float = 1.0, latent_di
     return VAE(encoder, decoder, lik, (channels, image_size, image_size))
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block in eval mode (BatchNorm running statistics), then restore the previous mode,
+    even if the block raises."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def model_info(vae: VAE) -> dict:
     """Layers (by the depth convention), parameters, and forward FLOPs per image."""
     enc = sum(p.numel() for p in vae.encoder.parameters())
     dec = sum(p.numel() for p in vae.decoder.parameters())
-    was_training = vae.training
-    vae.eval()
     x = torch.rand(1, *vae.image_shape, device=vae._device())
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(vae), torch.no_grad(), FlopCounterMode(display=False) as counter:
         vae.decode(vae.encode(x)[0])
-    vae.train(was_training)
     return {"layers": count_layers(vae.encoder) + count_layers(vae.decoder),
             "encoder_params": enc, "decoder_params": dec, "params": enc + dec,
             "flops": int(counter.get_total_flops())}
