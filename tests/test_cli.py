@@ -44,15 +44,15 @@ def test_help_exits_zero(capsys):
 INFO_KEYS = {"depth", "layers", "encoder_params", "decoder_params", "params", "flops"}
 
 
-def test_info_seed_depths_json(capsys):
+def test_info_study_depths_json(capsys):
     # --width 0.125 keeps the FLOP count quick; layers do not depend on the width
-    assert main(["info", "--arch", "seed", "--depth", "28,40,70,100", "--width", "0.125",
+    assert main(["info", "--arch", "study", "--depth", "28,40,70,100", "--width", "0.125",
                  "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert isinstance(rows, list) and len(rows) == 4
     for row, depth in zip(rows, (28, 40, 70, 100)):
         assert INFO_KEYS <= set(row)
-        assert row["depth"] == row["layers"] == depth and row["arch"] == "seed"
+        assert row["depth"] == row["layers"] == depth and row["arch"] == "study"
         assert row["params"] == row["encoder_params"] + row["decoder_params"]
         assert row["flops"] > 0
     assert [r["params"] for r in rows] == sorted({r["params"] for r in rows})  # grows with depth
@@ -75,7 +75,7 @@ def test_info_resnet_single_json_and_text(capsys):
 
 
 def test_info_invalid_depths_exit_2(capsys):
-    assert main(["info", "--arch", "seed", "--depth", "50"]) == 2
+    assert main(["info", "--arch", "study", "--depth", "50"]) == 2
     err = capsys.readouterr().err
     assert "resvae info: error" in err and "28, 40, 70, 100" in err and "50" in err
     assert _exit_code(["info", "--depth", "abc"]) == 2  # argparse: not a depth list
@@ -135,9 +135,9 @@ def test_env_is_honoured_and_flags_beat_it(tmp_path, monkeypatch):
 def test_console_script_runs():
     exe = shutil.which("resvae", path=str(Path(sys.executable).parent)) or shutil.which("resvae")
     assert exe, "the resvae console script is not installed"
-    p = subprocess.run([exe, "info", "--arch", "seed", "--depth", "28", "--width", "0.125",
+    p = subprocess.run([exe, "info", "--arch", "study", "--depth", "28", "--width", "0.125",
                         "--json"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     row = json.loads(p.stdout)
-    assert row["layers"] == 28 and row["arch"] == "seed" and row["params"] > 0
+    assert row["layers"] == 28 and row["arch"] == "study" and row["params"] > 0

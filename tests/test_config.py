@@ -30,10 +30,10 @@ def test_defaults():
 
 
 def test_precedence_each_layer_wins_over_the_one_below(tmp_path):
-    # seed-40 sets depth and batch_size; the file overrides batch_size; env overrides lr; ...
+    # study-40 sets depth and batch_size; the file overrides batch_size; env overrides lr; ...
     f = _toml(tmp_path, "[train]\nbatch_size = 7\nlr = 0.5\nseed = 1\n[model]\nlatent_dim = 3\n")
     env = {"RESVAE_LR": "0.25", "RESVAE_SEED": "2", "RESVAE_LATENT_DIM": "5"}
-    cfg = _resolve(preset="seed-40", config_file=str(f), environ=env,
+    cfg = _resolve(preset="study-40", config_file=str(f), environ=env,
                    overrides={"seed": "3", "latent_dim": 9})
     assert cfg.model.depth == 40            # preset over default
     assert cfg.train.patience == 50         # preset value, untouched above
@@ -106,7 +106,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_unknown_preset_lists_presets():
-    with pytest.raises(ConfigError, match=r"nope.*seed-28.*tiny"):
+    with pytest.raises(ConfigError, match=r"nope.*study-28.*tiny"):
         C.load_preset("nope")
 
 
@@ -238,7 +238,7 @@ def test_validate_accepts_cuda_index_and_catches_direct_edits():
     assert _resolve(overrides={"device": "cuda:1"}).train.device == "cuda:1"
     cfg = C.RunConfig()
     cfg.model.arch = "vgg"
-    with pytest.raises(ConfigError, match=r"model\.arch.*seed"):
+    with pytest.raises(ConfigError, match=r"model\.arch.*study"):
         C.validate(cfg)
     cfg = C.RunConfig()
     cfg.model.depth = "28"  # wrong type set by hand
@@ -250,7 +250,7 @@ def test_validate_accepts_cuda_index_and_catches_direct_edits():
 
 def test_preset_names():
     names = C.preset_names()
-    assert {"seed-28", "seed-40", "seed-70", "seed-100", "cpu", "tiny"} <= set(names)
+    assert {"study-28", "study-40", "study-70", "study-100", "cpu", "tiny"} <= set(names)
 
 
 @pytest.mark.parametrize("name", C.preset_names())
@@ -259,20 +259,20 @@ def test_every_preset_loads_and_validates(name):
     assert set(raw) <= {"model", "data", "train"}
     cfg = _resolve(preset=name)
     C.validate(cfg)
-    # presets hold only differences from the defaults (seed-* pin depth to stay in sync)
+    # presets hold only differences from the defaults (study-* pin depth to stay in sync)
     for section, values in raw.items():
         for key, value in values.items():
-            if key != "depth" or not name.startswith("seed-"):
+            if key != "depth" or not name.startswith("study-"):
                 assert value != C.fields_flat()[key][2], f"{name}: {key} repeats the default"
 
 
-def test_seed_presets_differ_only_in_depth_and_carry_study_values():
-    cfgs = {d: _resolve(preset=f"seed-{d}") for d in (28, 40, 70, 100)}
+def test_study_presets_differ_only_in_depth_and_carry_study_values():
+    cfgs = {d: _resolve(preset=f"study-{d}") for d in (28, 40, 70, 100)}
     for d, cfg in cfgs.items():
         m, data, t = cfg.model, cfg.data, cfg.train
         assert m.depth == d
         assert (m.arch, m.width, m.latent_dim, m.likelihood, m.block) == (
-            "seed", 1.0, 256, "bernoulli", "bottleneck")
+            "study", 1.0, 256, "bernoulli", "bottleneck")
         assert m.latent_l2 == [0.01, 0.1]
         assert (t.batch_size, t.lr, t.patience, t.min_delta) == (25, 1e-3, 50, 0.1)
         assert (t.plateau_factor, t.plateau_patience, t.min_lr, t.max_epochs) == (0.5, 25, 1e-6, 1000)
@@ -284,7 +284,7 @@ def test_seed_presets_differ_only_in_depth_and_carry_study_values():
         assert d_ == ref
     # the files themselves are identical apart from the depth line
     root = Path(C.__file__).parent / "configs"
-    texts = [(root / f"seed-{d}.toml").read_text().splitlines() for d in (28, 40, 70, 100)]
+    texts = [(root / f"study-{d}.toml").read_text().splitlines() for d in (28, 40, 70, 100)]
     for other in texts[1:]:
         assert len(other) == len(texts[0])
         diff = [(a, b) for a, b in zip(texts[0], other) if a != b]
@@ -343,3 +343,35 @@ def test_fields_flat():
     ff["betas"][2].append(1.0)  # callers get copies of mutable defaults
     assert C.fields_flat()["betas"][2] == [0.9, 0.999]
     assert len(ff) == sum(len(dataclasses.fields(cls)) for cls in C.SECTIONS.values())
+
+
+# -- renamed names get an error naming their successor ----------------------------------------
+def test_old_arch_name_seed_names_study():
+    with pytest.raises(ConfigError, match=r"--arch.*'seed' was renamed to 'study'"):
+        _resolve(overrides={"arch": "seed"})
+
+
+@pytest.mark.parametrize("depth", [28, 40, 70, 100])
+def test_old_preset_names_name_the_new_ones(depth):
+    with pytest.raises(ConfigError, match=rf"preset 'seed-{depth}' was renamed to 'study-{depth}'"):
+        _resolve(preset=f"seed-{depth}")
+
+
+def test_choices_are_the_registries():
+    # The config accepts exactly what is implemented: each choice builds, and nothing else passes.
+    from resvae.blocks import BLOCKS, SHORTCUTS, UPSAMPLE
+    from resvae.data import DATASETS
+    from resvae.likelihoods import LIKELIHOODS
+    from resvae.nets import ARCHS
+    registries = {"arch": ARCHS, "likelihood": LIKELIHOODS, "block": BLOCKS,
+                  "shortcut": SHORTCUTS, "upsample": UPSAMPLE, "dataset": DATASETS}
+    for key, registry in registries.items():
+        assert set(C.CHOICES[key]) == set(registry), key
+        for value in registry:
+            cfg = C.RunConfig()
+            setattr(getattr(cfg, C.fields_flat()[key][0]), key, value)
+            if key == "block" and value == "basic":
+                cfg.model.arch = "resnet"
+            C.validate(cfg)
+        with pytest.raises(ConfigError, match=key):
+            _resolve(overrides={key: "not-a-" + key})

@@ -7,8 +7,8 @@ from resvae.nets import count_layers, resnet_blocks
 
 
 @pytest.mark.parametrize("depth", [28, 40, 70, 100])
-def test_seed_family_depths_and_shapes(depth):
-    vae = build_vae("seed", depth, width=1 / 16, latent_dim=16)
+def test_study_family_depths_and_shapes(depth):
+    vae = build_vae(arch="study", depth=depth, width=1 / 16, latent_dim=16)
     assert count_layers(vae.encoder) + count_layers(vae.decoder) == depth
     # Main-path convs per side are 12, 18, 33, 48 (the study's layout).
     assert count_layers(vae.encoder) - 2 == (depth - 4) // 2
@@ -17,7 +17,7 @@ def test_seed_family_depths_and_shapes(depth):
     assert params.shape == (2, 3, 32, 32)  # bernoulli: one logit per pixel and channel
 
 
-def test_seed_full_width_matches_the_study_layout():
+def test_study_full_width_matches_the_study_layout():
     vae = build_vae()  # defaults: the study's 28-layer net
     enc, dec = vae.encoder, vae.decoder
     assert vae.latent_dim == 256 and type(vae.likelihood).__name__ == "Bernoulli"
@@ -33,15 +33,15 @@ def test_seed_full_width_matches_the_study_layout():
     assert len(ups) == 6 and all(m.kernel_size == (1, 1) and m.output_padding == (1, 1) for m in ups)
 
 
-def test_seed_rejects_other_depths():
+def test_study_rejects_other_depths():
     with pytest.raises(ValueError, match=r"\[28, 40, 70, 100\]"):
-        build_vae("seed", 50)
+        build_vae(arch="study", depth=50)
 
 
 @pytest.mark.parametrize("block,depth", [("basic", 20), ("basic", 44), ("bottleneck", 28),
                                          ("bottleneck", 106)])
 def test_resnet_depth_is_exact(block, depth):
-    vae = build_vae("resnet", depth, width=1 / 16, latent_dim=8, block=block, likelihood="dlogistic",
+    vae = build_vae(arch="resnet", depth=depth, width=1 / 16, latent_dim=8, block=block, likelihood="dlogistic",
                     n_mix=2)
     assert count_layers(vae.encoder) + count_layers(vae.decoder) == depth
     assert vae.decode(vae.encode(torch.rand(2, 3, 32, 32))[0]).shape == (2, 3 * 3 * 2, 32, 32)
@@ -62,9 +62,9 @@ def test_resnet_blocks_rule():
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (1, 32), (3, 32)])
-@pytest.mark.parametrize("arch,depth", [("seed", 28), ("resnet", 20)])
+@pytest.mark.parametrize("arch,depth", [("study", 28), ("resnet", 20)])
 def test_image_shapes(arch, depth, channels, size):
-    vae = build_vae(arch, depth, width=1 / 16, latent_dim=4, block="basic" if arch == "resnet"
+    vae = build_vae(arch=arch, depth=depth, width=1 / 16, latent_dim=4, block="basic" if arch == "resnet"
                     else "bottleneck", channels=channels, image_size=size, likelihood="dlogistic",
                     n_mix=1)
     out = vae(torch.rand(2, channels, size, size))
@@ -74,7 +74,7 @@ def test_image_shapes(arch, depth, channels, size):
 
 @pytest.mark.parametrize("preact", [False, True])
 def test_thousand_layer_resnet_trains_on_cpu(preact):
-    vae = build_vae("resnet", 1004, width=1 / 16, latent_dim=8, block="basic", preact=preact,
+    vae = build_vae(arch="resnet", depth=1004, width=1 / 16, latent_dim=8, block="basic", preact=preact,
                     likelihood="dlogistic", n_mix=1)
     assert count_layers(vae.encoder) + count_layers(vae.decoder) == 1004
     out = vae(torch.rand(2, 3, 32, 32))
@@ -85,7 +85,7 @@ def test_thousand_layer_resnet_trains_on_cpu(preact):
 
 
 def test_zero_init_residual_makes_blocks_identity():
-    vae = build_vae("resnet", 24, width=1 / 16, latent_dim=4, block="basic",
+    vae = build_vae(arch="resnet", depth=24, width=1 / 16, latent_dim=4, block="basic",
                     zero_init_residual=True)
     block = vae.encoder.body[3][1]  # an identity block
     assert isinstance(block.shortcut, nn.Identity)
@@ -95,14 +95,14 @@ def test_zero_init_residual_makes_blocks_identity():
 
 
 def test_plain_mode_has_same_layers_and_no_shortcuts():
-    res = build_vae("resnet", 28, width=1 / 16, latent_dim=4, block="basic")
-    plain = build_vae("resnet", 28, width=1 / 16, latent_dim=4, block="basic", shortcut="none")
+    res = build_vae(arch="resnet", depth=28, width=1 / 16, latent_dim=4, block="basic")
+    plain = build_vae(arch="resnet", depth=28, width=1 / 16, latent_dim=4, block="basic", shortcut="none")
     assert count_layers(res.encoder) == count_layers(plain.encoder)
     assert not any("shortcut" in n for n, _ in plain.named_modules())
 
 
 def test_decoder_is_the_generator_not_a_copy():
-    vae = build_vae("resnet", 20, width=1 / 16, latent_dim=4, block="basic")
+    vae = build_vae(arch="resnet", depth=20, width=1 / 16, latent_dim=4, block="basic")
     gen = vae.decoder
     assert gen is vae.decoder and any(m is gen for m in vae.modules())
     with torch.no_grad():

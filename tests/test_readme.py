@@ -9,9 +9,9 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_readme_info_table_is_what_resvae_info_prints(capsys):
-    m = re.search(r"`resvae info --arch seed --depth 28,40,70,100`.*?```\n(.*?)```", README, re.S)
+    m = re.search(r"`resvae info --arch study --depth 28,40,70,100`.*?```\n(.*?)```", README, re.S)
     assert m, "README lost its resvae info table"
-    assert main(["info", "--arch", "seed", "--depth", "28,40,70,100"]) == 0
+    assert main(["info", "--arch", "study", "--depth", "28,40,70,100"]) == 0
     assert capsys.readouterr().out == m.group(1)
 
 

@@ -429,15 +429,15 @@ def test_cli_refuses_existing_run_dir(tmp_path, capsys):
     assert not (run / "config.json").exists()
 
 
-def test_seed_preset_trains_end_to_end(tmp_path):
-    # The study's preset, shrunk in width only: seed arch, Bernoulli loss, latent L2 penalty.
-    cfg = resolve(preset="seed-28", environ={}, overrides={
+def test_study_preset_trains_end_to_end(tmp_path):
+    # The study's preset, shrunk in width only: study arch, Bernoulli loss, latent L2 penalty.
+    cfg = resolve(preset="study-28", environ={}, overrides={
         "width": 0.0625, "latent_dim": 8, "dataset": "shapes", "subset": 64, "batch_size": 16,
         "max_epochs": 1, "device": "cpu", "sample_every": 0})
     assert cfg.model.latent_l2 == [0.01, 0.1] and cfg.train.patience == 50
-    s = T.train(cfg, tmp_path / "seed", progress=False)
+    s = T.train(cfg, tmp_path / "study", progress=False)
     assert s["stop_reason"] == "max_epochs" and s["test_bpd"] is None  # BCE has no bits/dim
-    rec = json.loads((tmp_path / "seed" / "metrics.jsonl").read_text())
+    rec = json.loads((tmp_path / "study" / "metrics.jsonl").read_text())
     assert rec["val_bpd"] is None and math.isfinite(rec["val_loss"])
     # 3072 x BCE per image: an untrained net sits near 3072 * ln 2 nats, far below 2x that.
     assert 1000 < rec["val_loss"] < 2 * 3072 * math.log(2)

@@ -8,7 +8,7 @@ from resvae import VAE, build_vae
 
 def tiny(likelihood="dlogistic", **kw):
     torch.manual_seed(0)
-    vae = build_vae("resnet", 20, width=1 / 16, latent_dim=4, block="basic", likelihood=likelihood,
+    vae = build_vae(arch="resnet", depth=20, width=1 / 16, latent_dim=4, block="basic", likelihood=likelihood,
                     n_mix=2, **kw)
     return vae.eval()
 

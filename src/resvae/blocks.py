@@ -181,7 +181,7 @@ def make_stage(in_ch: int, planes: int, n_blocks: int, stride: int, *, block: ty
 
 def init_weights(module: nn.Module, scheme: str = "kaiming") -> None:
     """Initialise convs/linears once: 'kaiming' (He et al. 2015, torchvision) or 'glorot'
-    (Keras' default glorot_uniform with zero biases, used by the seed family for fidelity)."""
+    (Keras' default glorot_uniform with zero biases, used by the study family for fidelity)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             if scheme == "kaiming" and isinstance(m, nn.Linear):

@@ -42,8 +42,7 @@ def cmd_info(args) -> int:
     cfg = resolve(preset=args.preset, environ=os.environ, overrides=overrides).model
     rows = []
     for depth in args.depth or [cfg.depth]:
-        opts = {k: getattr(cfg, k) for k in MODEL_KEYS} | {"depth": depth}
-        vae = build_vae(**opts, channels=args.channels, image_size=args.image_size)
+        vae = build_vae(cfg, depth=depth, channels=args.channels, image_size=args.image_size)
         rows.append({"arch": cfg.arch, "depth": depth, **model_info(vae)})
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))

@@ -25,7 +25,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from .blocks import BLOCKS, SHORTCUTS, UPSAMPLE
+from .data import DATASETS
 from .files import atomic_write
+from .likelihoods import LIKELIHOODS
+from .nets import ARCHS
 
 
 class ConfigError(ValueError):
@@ -34,7 +38,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "seed"  # "seed" (the 2018 study's layout) | "resnet" (efficient family)
+    arch: str = "study"  # "study" (the 2018 study's layout) | "resnet" (efficient family)
     depth: int = 28  # weight layers on the longest path, encoder + decoder
     width: float = 1.0  # channel multiplier
     latent_dim: int = 256
@@ -241,12 +245,16 @@ def _budget_ok(s: str) -> bool:
         return False
 
 
-_CHOICES = {
-    "arch": ("seed", "resnet"), "likelihood": ("bernoulli", "gaussian", "dlogistic"),
-    "block": ("basic", "bottleneck"), "shortcut": ("identity", "projection", "none"),
-    "upsample": ("transposed", "nearest"), "precision": ("fp32", "bf16"),
-    "dataset": ("cifar10", "folder", "mnist", "fashion-mnist", "shapes"),
+# Allowed values come from the registries that implement them, so a new arch, likelihood,
+# block or data set is a choice the moment it is registered (and never one before).
+CHOICES = {
+    "arch": tuple(ARCHS), "likelihood": tuple(LIKELIHOODS), "block": tuple(BLOCKS),
+    "shortcut": SHORTCUTS, "upsample": UPSAMPLE, "precision": ("fp32", "bf16"),
+    "dataset": DATASETS,
 }
+# Names users may still type after a rename: each gets an error that names its successor.
+RENAMED = {"arch": {"seed": "study"}}
+RENAMED_PRESETS = {f"seed-{d}": f"study-{d}" for d in (28, 40, 70, 100)}
 _POSITIVE = ("depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
              "max_skips", "max_epochs")
 _NONNEG = ("gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
@@ -263,7 +271,11 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
     for key, (sec, typ, _) in _FIELDS.items():
         _check(f"{sec}.{key}", typ, v[key], "config" + where(key))
     # (key, ok, expected); the `not` / chained comparisons below also reject NaN and inf
-    checks = [(k, v[k] in c, "one of " + ", ".join(c)) for k, c in _CHOICES.items()]
+    for key, old_new in RENAMED.items():
+        if v[key] in old_new:
+            raise ConfigError(f"{_FIELDS[key][0]}.{key}{where(key)}: {v[key]!r} was renamed to "
+                              f"{old_new[v[key]]!r}")
+    checks = [(k, v[k] in c, "one of " + ", ".join(c)) for k, c in CHOICES.items()]
     checks += [(k, 0 < v[k] < math.inf, "a positive number") for k in _POSITIVE]
     checks += [(k, 0 <= v[k] < math.inf, "a non-negative number") for k in _NONNEG]
     checks += [
@@ -298,6 +310,8 @@ def _loads(text: str, label: str) -> dict:
 
 def load_preset(name: str) -> dict:
     """Nested dict of a bundled preset's TOML."""
+    if name in RENAMED_PRESETS:
+        raise ConfigError(f"preset {name!r} was renamed to {RENAMED_PRESETS[name]!r}")
     if name not in (names := preset_names()):
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(names)}")
     path = resources.files("resvae") / "configs" / f"{name}.toml"

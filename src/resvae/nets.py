@@ -1,4 +1,4 @@
-"""Encoder and decoder networks: the study's `seed` layout and the efficient `resnet` family.
+"""Encoder and decoder networks: the study's `study` layout and the efficient `resnet` family.
 
 Depth convention (used everywhere in resvae): the number of weight layers on the longest
 input-to-output path of encoder plus decoder = every conv on the blocks' main path (projection
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from .blocks import BLOCKS, Bottleneck, init_weights, make_stage, residual_scale_
 
 # The study (Keras ResNet50 conv_block/identity_block filters) and its identity blocks per stage.
-SEED_FILTERS = ((64, 64, 256), (128, 128, 512), (256, 256, 1024), (512, 512, 2048))
-SEED_IDENTITY_BLOCKS = {28: (0, 0, 0, 0), 40: (0, 1, 1, 0), 70: (1, 2, 3, 1), 100: (2, 3, 5, 2)}
-SEED_DENSE = 1024
+STUDY_FILTERS = ((64, 64, 256), (128, 128, 512), (256, 256, 1024), (512, 512, 2048))
+STUDY_IDENTITY_BLOCKS = {28: (0, 0, 0, 0), 40: (0, 1, 1, 0), 70: (1, 2, 3, 1), 100: (2, 3, 5, 2)}
+STUDY_DENSE = 1024
 STRIDES = (1, 2, 2, 2)  # encoder 32 -> 32 -> 16 -> 8 -> 4; the decoder runs it backwards
 RESNET_BASE = 64        # resnet family: stage planes (1, 2, 4, 8) x RESNET_BASE x width
 N_FIXED = 4             # encoder dense + latent + decoder dense + output conv
@@ -85,29 +85,30 @@ def _ch(c: int, width: float) -> int:
     return max(1, round(c * width))
 
 
-def seed_nets(depth: int, *, width: float = 1.0, latent_dim: int = 256, channels: int = 3,
-              image_size: int = 32, out_channels: int = 3, shortcut: str = "identity",
-              preact: bool = False, upsample: str = "transposed", zero_init_residual: bool = False,
-              latent_l2: tuple[float, float] = (0.0, 0.0)) -> tuple[Encoder, Decoder]:
+# The builders take every option explicitly: the defaults live in config.ModelConfig alone, and
+# vae.build_vae is the one caller that fills them in.
+def study_nets(depth: int, *, width: float, latent_dim: int, channels: int, image_size: int,
+               out_channels: int, shortcut: str, preact: bool, upsample: str,
+               zero_init_residual: bool, latent_l2: tuple[float, float]) -> tuple[Encoder, Decoder]:
     """The study's layout: Keras ResNet50 bottleneck stages in the encoder and, with transposed
     convs, in the decoder (whose widest stage runs at full resolution, as the study's did)."""
-    if depth not in SEED_IDENTITY_BLOCKS:
-        raise ValueError(f"arch 'seed' has depths {sorted(SEED_IDENTITY_BLOCKS)} only "
+    if depth not in STUDY_IDENTITY_BLOCKS:
+        raise ValueError(f"arch 'study' has depths {sorted(STUDY_IDENTITY_BLOCKS)} only "
                          f"(the study's four nets), got depth={depth}; use arch 'resnet' for others")
     # Keras defaults: BatchNormalization(momentum=0.99, epsilon=1e-3) = PyTorch momentum 0.01;
     # convs and dense layers carry biases.
     norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
     opts = dict(block=Bottleneck, shortcut=shortcut, preact=preact, norm=norm, bias=True,
                 upsample=upsample, stride_in_1x1=True)
-    n_blocks = [1 + k for k in SEED_IDENTITY_BLOCKS[depth]]
-    filters = [tuple(_ch(f, width) for f in fs) for fs in SEED_FILTERS]
+    n_blocks = [1 + k for k in STUDY_IDENTITY_BLOCKS[depth]]
+    filters = [tuple(_ch(f, width) for f in fs) for fs in STUDY_FILTERS]
     s = bottom_size(image_size)
 
     stages, ch = [], channels
     for (f1, _, _), n, stride in zip(filters, n_blocks, STRIDES):
         stages.append(make_stage(ch, f1, n, stride, **opts))
         ch = f1 * Bottleneck.expansion  # = f3
-    dense = _ch(SEED_DENSE, width)
+    dense = _ch(STUDY_DENSE, width)
     # Keras Dense on a 4-D tensor acts per position: a 1x1 conv. Sigmoid as in the study.
     head = nn.Sequential(nn.Conv2d(ch, dense, 1), nn.BatchNorm2d(dense, eps=1e-3, momentum=0.01),
                          nn.Sigmoid(), nn.Flatten())
@@ -152,11 +153,9 @@ def resnet_blocks(depth: int, block: str = "basic") -> list[int]:
     return [b // 4 + (1 if i >= 4 - b % 4 else 0) for i in range(4)]
 
 
-def resnet_nets(depth: int, *, width: float = 1.0, latent_dim: int = 256, channels: int = 3,
-                image_size: int = 32, out_channels: int = 3, block: str = "basic",
-                shortcut: str = "identity", preact: bool = False, upsample: str = "transposed",
-                zero_init_residual: bool = False,
-                latent_l2: tuple[float, float] = (0.0, 0.0)) -> tuple[Encoder, Decoder]:
+def resnet_nets(depth: int, *, width: float, latent_dim: int, channels: int, image_size: int,
+                out_channels: int, block: str, shortcut: str, preact: bool, upsample: str,
+                zero_init_residual: bool, latent_l2: tuple[float, float]) -> tuple[Encoder, Decoder]:
     """Efficient family: widths grow as resolution shrinks in the encoder (torchvision's ResNet),
     and the decoder mirrors it (wide at 4x4, narrow at 32x32), any reachable depth."""
     n_blocks = resnet_blocks(depth, block)
@@ -202,5 +201,5 @@ def _finish_init(net: nn.Module, zero_init_residual: bool) -> None:
                 m.zero_init_last()
 
 
-ARCHS = {"seed": seed_nets, "resnet": resnet_nets}
+ARCHS = {"study": study_nets, "resnet": resnet_nets}
 

@@ -60,7 +60,7 @@ def kl_beta(step: int, anneal_steps: int) -> float:
 
 def make_plateau(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
     # Keras reduces after `patience` bad epochs, PyTorch after patience + 1: shift by one so the
-    # seed presets' "patience 25" means what it meant in the study. Keras' min_delta 1e-4 is absolute.
+    # study presets' "patience 25" means what it meant in the study. Keras' min_delta 1e-4 is absolute.
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=cfg.plateau_factor, patience=max(cfg.plateau_patience - 1, 0),
         threshold=1e-4, threshold_mode="abs", min_lr=cfg.min_lr, eps=0.0)
@@ -153,7 +153,7 @@ def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> VAE:
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"images must be square, got {h}x{w} (use --image-size)")
-    return build_vae(**asdict(cfg.model), channels=c, image_size=h)
+    return build_vae(cfg.model, channels=c, image_size=h)
 
 
 def load_model(run_dir: str | Path, which: str = "best", device="cpu") -> tuple[VAE, RunConfig]:

@@ -7,6 +7,7 @@ The encoder and decoder are modules nested in the VAE and usable alone: the gene
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import ModelConfig, RunConfig, validate
 from .likelihoods import Likelihood, bits_per_dim, make_likelihood
 from .nets import ARCHS, count_layers
 
@@ -112,28 +114,32 @@ class VAE(nn.Module):
         return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
 
 
-def build_vae(arch: str = "seed", depth: int = 28, width: float = 1.0, latent_dim: int = 256,
-              likelihood: str = "bernoulli", *, channels: int = 3, image_size: int = 32,
-              block: str = "bottleneck", shortcut: str = "identity", preact: bool = False,
-              upsample: str = "transposed", zero_init_residual: bool = False, n_mix: int = 10,
-              gaussian_std: float = 0.0,
-              latent_l2: tuple[float, float] | list[float] = (0.0, 0.0)) -> VAE:
-    """Build a VAE. Defaults describe the study's 28-layer network (seed arch, latent 256,
-    Bernoulli likelihood). Keyword names match `ModelConfig`, so `build_vae(**asdict(cfg))` works."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
-    if arch == "seed" and block != "bottleneck":
-        raise ValueError("arch 'seed' uses bottleneck blocks only (as the study did); "
-                         f"got block={block!r}; use arch 'resnet' for basic blocks")
-    options = {"dlogistic": {"n_mix": n_mix}, "gaussian": {"std": gaussian_std}}.get(likelihood, {})
-    lik = make_likelihood(likelihood, **options)
-    kwargs = dict(width=width, latent_dim=latent_dim, channels=channels, image_size=image_size,
-                  out_channels=lik.n_params(channels), shortcut=shortcut, preact=preact,
-                  upsample=upsample, zero_init_residual=zero_init_residual,
-                  latent_l2=tuple(latent_l2))
-    if arch == "resnet":
-        kwargs["block"] = block
-    encoder, decoder = ARCHS[arch](depth, **kwargs)
+def build_vae(config: ModelConfig | None = None, *, channels: int = 3, image_size: int = 32,
+              **overrides) -> VAE:
+    """Build a VAE from a `ModelConfig` (its defaults: the study's 28-layer network, latent 256,
+    Bernoulli likelihood). Keyword arguments override single fields as a convenience:
+    `build_vae(arch="resnet", depth=20)`; an unknown one is a TypeError naming it."""
+    cfg = config if config is not None else ModelConfig()
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_vae takes a ModelConfig (or keyword fields), got {cfg!r}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise TypeError(f"build_vae: unknown model option(s) {', '.join(unknown)}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    validate(RunConfig(model=cfg))  # the same checks (and rename messages) as the command line
+    if cfg.arch == "study" and cfg.block != "bottleneck":
+        raise ValueError("arch 'study' uses bottleneck blocks only (as the study did); "
+                         f"got block={cfg.block!r}; use arch 'resnet' for basic blocks")
+    options = {"dlogistic": {"n_mix": cfg.n_mix},
+               "gaussian": {"std": cfg.gaussian_std}}.get(cfg.likelihood, {})
+    lik = make_likelihood(cfg.likelihood, **options)
+    kwargs = dict(width=cfg.width, latent_dim=cfg.latent_dim, channels=channels,
+                  image_size=image_size, out_channels=lik.n_params(channels),
+                  shortcut=cfg.shortcut, preact=cfg.preact, upsample=cfg.upsample,
+                  zero_init_residual=cfg.zero_init_residual, latent_l2=tuple(cfg.latent_l2))
+    if cfg.arch == "resnet":
+        kwargs["block"] = cfg.block
+    encoder, decoder = ARCHS[cfg.arch](cfg.depth, **kwargs)
     return VAE(encoder, decoder, lik, (channels, image_size, image_size))
 
 
