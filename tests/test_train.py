@@ -16,6 +16,8 @@ import torch
 from conftest import small_load
 from PIL import Image
 
+import resvae.generate as G
+import resvae.runs as R
 import resvae.train as T
 from resvae import distributed as D
 from resvae.cli import main
@@ -122,7 +124,7 @@ def test_plateau_end_to_end_lr_column(tmp_path, monkeypatch):
     # the lr column is the lr each epoch trained with: bad epochs 2,3 -> halved from epoch 4 on;
     # bad epochs 4,5 -> 2.5e-4, floored at min_lr 4e-4, from epoch 6 on
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 4e-4, 4e-4, 4e-4])
-    last = T.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    last = R.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(4e-4)
     assert len(calls) == 9  # 8 val evaluations + the test split
 
@@ -219,7 +221,7 @@ def test_non_finite_stops_run_and_cli_exit_code_3(tmp_path, monkeypatch, capsys)
 
 # ----------------------------------------------------------------------------- resume
 
-IGNORE = {"epoch_seconds", "images_per_s"}
+IGNORE = {"epoch_seconds", "images_per_s", "train_seconds"}
 
 
 def _same_records(a, b):
@@ -245,8 +247,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     _same_records(ra, rb)
     assert sb["best_epoch"] == sa["best_epoch"]
     assert sb["test_loss"] == pytest.approx(sa["test_loss"], rel=1e-6)
-    wa = T.load_checkpoint(a / "checkpoints" / "last.pt")
-    wb = T.load_checkpoint(b / "checkpoints" / "last.pt")
+    wa = R.load_checkpoint(a / "checkpoints" / "last.pt")
+    wb = R.load_checkpoint(b / "checkpoints" / "last.pt")
     for k, v in wa["model"].items():
         torch.testing.assert_close(wb["model"][k], v, rtol=1e-6, atol=1e-6, msg=k)
     assert read_json(b / "config.json")["train"]["max_epochs"] == 3
@@ -308,7 +310,7 @@ def test_cli_records_its_own_argv(tmp_path):
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     p = tmp_path / "ckpts" / "last.pt"
     state1 = {"model": {"w": torch.arange(4.0)}, "epoch": 1}
-    T.save_checkpoint(state1, p)
+    R.save_checkpoint(state1, p)
     real_save = torch.save
 
     def half_then_fail(obj, f, *a, **k):
@@ -319,21 +321,21 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
             fh.write(data[:len(data) // 2])
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(T.torch, "save", half_then_fail)
+    monkeypatch.setattr(R.torch, "save", half_then_fail)
     state2 = {"model": {"w": torch.ones(1000)}, "epoch": 2}
     with pytest.raises(OSError, match="No space"):
-        T.save_checkpoint(state2, p)
+        R.save_checkpoint(state2, p)
     monkeypatch.undo()
-    got = T.load_checkpoint(p)
+    got = R.load_checkpoint(p)
     assert got["epoch"] == 1 and torch.equal(got["model"]["w"], state1["model"]["w"])
     assert os.listdir(p.parent) == ["last.pt"]  # no temp file left behind
 
 
 def test_load_checkpoint_strips_wrapper_prefixes(tmp_path):
     p = tmp_path / "c.pt"
-    T.save_checkpoint({"model": {"module.a": torch.ones(1), "_orig_mod.b": torch.zeros(1),
+    R.save_checkpoint({"model": {"module.a": torch.ones(1), "_orig_mod.b": torch.zeros(1),
                                  "_orig_mod.module.c": torch.zeros(2), "d": torch.ones(2)}}, p)
-    assert set(T.load_checkpoint(p)["model"]) == {"a", "b", "c", "d"}
+    assert set(R.load_checkpoint(p)["model"]) == {"a", "b", "c", "d"}
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -377,7 +379,7 @@ def test_run_directory_contents(tmp_path):
     assert summary["best_val_loss"] == min(r["val_loss"] for r in recs)
     assert summary["final_train_loss"] == recs[-1]["train_loss"]
     assert math.isfinite(summary["test_bpd"]) and summary["world_size"] == 1
-    vae, cfg2 = T.load_model(run)
+    vae, cfg2 = R.load_run(run)
     assert cfg2 == cfg and not vae.training
     for k, v in vae.state_dict().items():
         assert torch.equal(v, best["model"][k]), k
@@ -392,7 +394,7 @@ def test_small_val_split_does_not_crash_image_grids(tmp_path):
 
 
 def test_save_grid_size(tmp_path):
-    T.save_grid(torch.rand(23, 1, 8, 8), tmp_path / "g.png", nrow=10)
+    G.save_grid(torch.rand(23, 1, 8, 8), tmp_path / "g.png", nrow=10)
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == (10 * 9 + 1, 3 * 9 + 1) and im.mode == "L"
 
@@ -450,7 +452,7 @@ def test_resume_applies_a_changed_lr(tmp_path, capsys):
     assert main(["train", "--resume", run, "--max-epochs", "2", "--lr", "0.0005"]) == 0
     assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
     assert [r["lr"] for r in read_metrics(tmp_path / "lr")] == [1e-3, 5e-4]
-    opt = T.load_checkpoint(tmp_path / "lr" / "checkpoints" / "last.pt")["optimizer"]
+    opt = R.load_checkpoint(tmp_path / "lr" / "checkpoints" / "last.pt")["optimizer"]
     assert all(g["lr"] == 5e-4 for g in opt["param_groups"])
 
 

@@ -58,34 +58,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .runs import check_fresh, resume_config
     from .train import train
 
     overrides = {k: getattr(args, k) for k in fields_flat()}
     if args.resume:
-        run = Path(args.resume)
-        if not (run / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"--resume {run}: no checkpoints/last.pt there (not a run directory, "
-                              "or it stopped before its first epoch ended)")
         if args.preset or args.config:
             raise ConfigError("--resume takes its config from the run directory; "
                               "drop --preset/--config")
-        cfg = resolve(config_file=str(run / "config.json"), environ=os.environ, overrides=overrides)
-        saved = resolve(config_file=str(run / "config.json"), environ={})
-        if cfg.model != saved.model:
-            diff = ", ".join(f"{k} {getattr(saved.model, k)!r} in the run vs "
-                             f"{getattr(cfg.model, k)!r}" for k in MODEL_KEYS
-                             if getattr(cfg.model, k) != getattr(saved.model, k))
-            raise ConfigError(f"--resume {run}: the model settings differ from the run's "
-                              f"config.json ({diff}; from flags or RESVAE_* variables); "
-                              "they must match")
-        out = run
+        cfg, out = resume_config(args.resume, os.environ, overrides), Path(args.resume)
     else:
         cfg = resolve(preset=args.preset, config_file=args.config, environ=os.environ,
                       overrides=overrides)
         out = Path(args.out or Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (out / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"--out {out}: already holds a run; use --resume {out} to continue "
-                              "it, or choose another --out")
+        check_fresh(out)
     summary = train(cfg, out, resume=bool(args.resume), argv=args.argv)
     return 3 if summary.get("stop_reason") == "non_finite" else 0
 

@@ -1,30 +1,44 @@
-"""Training: one readable loop, `train(cfg, out_dir)`, plus its checkpoint, image and log helpers.
+"""Training: one readable loop, `train(cfg, out_dir)`.
 
-A run directory holds config.json, metrics.jsonl (one record per epoch), checkpoints/{last,best}.pt
-(+ best.safetensors), samples/ and recon/ grids, and summary.json.
+The loop reads top to bottom: `_setup` (data, model, optimizer, or a checkpoint to resume),
+then per epoch `train_epoch` (the updates) and `end_epoch` (validate, schedule, record,
+checkpoint), then `finish` (test ELBO with the best weights, summary). `TrainState` is exactly
+what a checkpoint holds. Where files go is `runs.py`'s business; evaluation is `evaluate.py`'s,
+images are `generate.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
+from . import __version__
 from . import distributed as D
-from .config import RunConfig, from_dict, parse_budget, save_json, to_dict
-from .data import iterate_batches, load_dataset, num_batches
-from .files import atomic_write
-from .vae import VAE, build_vae, eval_mode
+from .config import RunConfig, parse_budget, save_json, to_dict
+from .data import Splits, iterate_batches, load_dataset, num_batches, to_input
+from .evaluate import evaluate
+from .generate import save_epoch_grids
+from .runs import (
+    RunDir,
+    append_metrics,
+    keep_metrics,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    save_weights,
+    write_json,
+)
+from .vae import VAE, build_from_config, model_info
 
 
 @dataclass
@@ -72,12 +86,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (B,C,H,W) -> float in [0,1] on the device (each likelihood dequantizes on its own)."""
-    x = batch.to(device, non_blocking=True).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
                   opt: torch.optim.Optimizer, cfg, *, beta: float = 1.0,
                   autocast=contextlib.nullcontext, rt: D.Runtime | None = None) -> dict:
@@ -110,92 +118,6 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     return {**stats, "grad_norm": float(norm), "skipped": not ok}
 
 
-@torch.no_grad()
-def evaluate(vae: VAE, images: np.ndarray, batch_size: int, rt: D.Runtime,
-             channels_last: bool = False, autocast=contextlib.nullcontext) -> dict:
-    """Mean negative ELBO and its parts over `images`, exact across DDP ranks (rank r takes every
-    world_size-th image; sums and counts are all-reduced, no padding is double counted)."""
-    shard = images[rt.rank::rt.world_size]
-    keys = ["loss", "rate", "distortion"] + (["bpd"] if vae.likelihood.discrete else [])
-    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=rt.device)
-    with eval_mode(vae):
-        for start in range(0, len(shard), batch_size):
-            x = to_input(torch.from_numpy(shard[start:start + batch_size]), rt.device,
-                         channels_last)
-            with autocast():
-                out = vae(x)
-            sums[:-1] += torch.stack([out[k].double().sum() for k in keys])
-            sums[-1] += x.shape[0]
-    D.all_reduce_sum(sums, rt)
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """The one checkpoint loader: weights_only=True (no arbitrary pickles); strips torch.compile's
-    `_orig_mod.` and DDP's `module.` prefixes."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    state["model"] = {_strip_wrappers(k): v for k, v in state["model"].items()}
-    return state
-
-
-def _strip_wrappers(key: str) -> str:
-    # DDP and torch.compile can wrap each other in either order.
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> VAE:
-    c, h, w = image_shape
-    if h != w:
-        raise ValueError(f"images must be square, got {h}x{w} (use --image-size)")
-    return build_vae(cfg.model, channels=c, image_size=h)
-
-
-def load_model(run_dir: str | Path, which: str = "best", device="cpu") -> tuple[VAE, RunConfig]:
-    """Rebuild a trained VAE from a run directory: config.json + checkpoints/<which>.pt."""
-    run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir / "checkpoints" / f"{which}.pt", map_location=device)
-    cfg = from_dict(state["config"], source=str(run_dir / "checkpoints" / f"{which}.pt"))
-    vae = build_from_config(cfg, tuple(state["image_shape"])).to(device)
-    vae.load_state_dict(state["model"])
-    return vae.eval(), cfg
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
-    """(N,C,H,W) floats in [0,1] -> one PNG, nrow images per row, 1-pixel gutters."""
-    x = (images.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-    n, c, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = \
-            x[i].transpose(1, 2, 0)
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
-
-
-def save_images(vae: VAE, val_images: np.ndarray, out: Path, epoch: int, rt: D.Runtime) -> None:
-    """A 10x10 grid from the prior (fixed z, so grids are comparable across epochs) and
-    inputs above their reconstructions (5 pairs of rows)."""
-    n = min(50, len(val_images) // 10 * 10) or len(val_images)  # whole rows of 10 when possible
-    nrow = min(10, n)
-    # Evenly spaced images: test splits are often sorted by class (all airplanes first).
-    pick = np.linspace(0, len(val_images) - 1, n).round().astype(np.int64)
-    x = to_input(torch.from_numpy(val_images[pick]), rt.device, False)
-    gen = torch.Generator(device=rt.device).manual_seed(1234)
-    with eval_mode(vae):
-        samples, rec = vae.sample(100, generator=gen), vae.reconstruct(x)
-    save_grid(samples, out / "samples" / f"epoch_{epoch:04d}.png")
-    pairs = torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1)
-    save_grid(pairs.flatten(0, 2), out / "recon" / f"epoch_{epoch:04d}.png", nrow=nrow)
-
-
 def _want_bar() -> bool:
     # The study switched its notebook progress callback off by hand for batch runs; we detect it.
     if os.environ.get("CI"):
@@ -214,222 +136,331 @@ def _fmt(record: dict) -> str:
     return "  ".join(parts) + (f"  skipped {record['skipped']}" if record["skipped"] else "")
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, argv: list | None = None,
-          progress: bool | None = None) -> dict:
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly: the live objects and the counters.
+    `checkpoint()` and `restore()` are the two directions of one checkpoint dict."""
+
+    vae: VAE
+    opt: torch.optim.Optimizer
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau
+    early: EarlyStopping
+    epoch: int = 0
+    step: int = 0
+    best_epoch: int = 0
+    skipped_total: int = 0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    COUNTERS = ("epoch", "step", "best_epoch", "skipped_total", "train_seconds", "images_seen")
+
+    def checkpoint(self, cfg: RunConfig, image_shape, argv) -> dict:
+        return {"model": self.vae.state_dict(), "optimizer": self.opt.state_dict(),
+                "plateau": self.plateau.state_dict(), "early": asdict(self.early),
+                **{k: getattr(self, k) for k in self.COUNTERS},
+                "config": to_dict(cfg), "image_shape": list(image_shape), "argv": list(argv or [])}
+
+    def restore(self, ckpt: dict, cfg: RunConfig, log) -> None:
+        self.vae.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        # The optimizer's state carries the old hyper-parameters: a changed --lr / --betas /
+        # --weight-decay on resume is applied on purpose, not silently dropped.
+        was, tc = ckpt["config"]["train"], cfg.train
+        for key, value in (("lr", tc.lr), ("betas", tuple(tc.betas)),
+                           ("weight_decay", tc.weight_decay)):
+            if (tuple(was[key]) if key == "betas" else was[key]) != value:
+                for g in self.opt.param_groups:
+                    g[key] = value
+                log(f"resvae: resume: {key} {was[key]} -> {value}")
+        self.plateau.load_state_dict(ckpt["plateau"])
+        self.early = EarlyStopping(**ckpt["early"])
+        for k in self.COUNTERS:  # images_seen is absent from checkpoints older than it
+            setattr(self, k, ckpt.get(k, getattr(self, k)))
+
+
+@dataclass
+class Session:
+    """What one invocation works with (runtime, not config: never saved)."""
+
+    cfg: RunConfig
+    rt: D.Runtime
+    run: RunDir
+    data: Splits
+    model: torch.nn.Module  # the VAE, DDP-wrapped when distributed
+    autocast: object
+    bar: bool
+    argv: list | None
+    t_start: float = field(default_factory=time.monotonic)
+    budget: float | None = None
+    best_weights: dict | None = None
+    consecutive_skips: int = 0  # across epoch boundaries: a NaN storm does not reset at one
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.train.images.shape[1:])
+
+    def log(self, text: str, err: bool = False) -> None:
+        if self.rt.is_main:
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and D.any_rank(
+            time.monotonic() - self.t_start > self.budget, self.rt)
+
+
+def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, resume: bool = False,
+          argv: list | None = None, progress: bool | None = None) -> dict:
     """Train a VAE as `cfg` says, writing everything into `out_dir`; return the summary.
 
-    With `resume=True`, continue from out_dir/checkpoints/last.pt exactly where it stopped.
+    `data` takes already-loaded splits (else they are loaded as `cfg.data` says). With
+    `resume=True`, continue from out_dir/checkpoints/last.pt exactly where it stopped.
     """
+    t_start = time.monotonic()
     rt = D.setup(cfg.train.device)
     try:
-        return _train(cfg, Path(out_dir), rt, resume, argv, progress)
+        s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, argv, progress)
+        s.t_start = t_start
+        stop_reason = None
+        try:
+            while stop_reason is None:
+                if state.epoch >= cfg.train.max_epochs or state.early.should_stop:
+                    # (a resumed run may be done already)
+                    stop_reason = "max_epochs" if state.epoch >= cfg.train.max_epochs \
+                        else "early_stopping"
+                    break
+                epoch = train_epoch(s, state)
+                stop_reason = end_epoch(s, state, epoch)
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        return finish(s, state, stop_reason)
     finally:
         D.teardown(rt)
 
 
-def _train(cfg: RunConfig, out: Path, rt: D.Runtime, resume: bool, argv, progress) -> dict:
-    t_start = time.monotonic()
-    tc, dc = cfg.train, cfg.data
-    budget = parse_budget(tc.budget)
-    bar_on = rt.is_main and (_want_bar() if progress is None else progress)
+def _load(cfg: RunConfig, rt: D.Runtime) -> Splits:
+    # rank 0 decodes and fills the cache first, the others then read it
+    dc = cfg.data
 
-    # --- data: rank 0 decodes and fills the cache first, the others then read it ------------
     def load():
         return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
                             subset=dc.subset, val_fraction=dc.val_fraction, download=dc.download,
-                            pad_to_32=dc.pad_to_32, seed=tc.seed)
+                            pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
     data = load() if rt.is_main else None
     D.barrier(rt)
-    data = data or load()
-    image_shape = tuple(data.train.images.shape[1:])
+    return data or load()
 
-    # --- model, optimizer, schedules ------------------------------------------------------
+
+def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resume: bool,
+           argv, progress) -> tuple[Session, TrainState]:
+    """Data, model, optimizer and schedules; the checkpoint's state when resuming."""
+    tc = cfg.train
+    data = data if data is not None else _load(cfg, rt)
     torch.manual_seed(tc.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    vae = build_from_config(cfg, image_shape).to(rt.device)
+    vae = build_from_config(cfg, tuple(data.train.images.shape[1:])).to(rt.device)
     if tc.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     model = D.wrap(vae, rt, tc.sync_bn)
     vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                            weight_decay=tc.weight_decay)
-    plateau = make_plateau(opt, tc)
-    early = EarlyStopping(tc.patience, tc.min_delta)
-    epoch, step, best_epoch, skipped_total, train_seconds = 0, 0, 0, 0, 0.0
-    best_state = None
-
-    ckpt_dir = out / "checkpoints"
-    if resume:
-        state = load_checkpoint(ckpt_dir / "last.pt", map_location=rt.device)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        # The optimizer's state carries the old hyper-parameters: a changed --lr / --betas /
-        # --weight-decay on resume is applied on purpose, not silently dropped.
-        was = state["config"]["train"]
-        for key, value in (("lr", tc.lr), ("betas", tuple(tc.betas)),
-                           ("weight_decay", tc.weight_decay)):
-            if (tuple(was[key]) if key == "betas" else was[key]) != value:
-                for g in opt.param_groups:
-                    g[key] = value
-                if rt.is_main:
-                    print(f"resvae: resume: {key} {was[key]} -> {value}", flush=True)
-        plateau.load_state_dict(state["plateau"])
-        early = EarlyStopping(**state["early"])
-        epoch, step, best_epoch = state["epoch"], state["step"], state["best_epoch"]
-        skipped_total, train_seconds = state["skipped_total"], state["train_seconds"]
-        if (ckpt_dir / "best.pt").exists():
-            best_state = load_checkpoint(ckpt_dir / "best.pt", map_location="cpu")["model"]
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "config.json")
-        if argv is not None:
-            atomic_write(out / "argv.json", lambda t: t.write_text(json.dumps(argv) + "\n"))
-        _keep_metrics(out / "metrics.jsonl", epoch)
-        print(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
-              f"{len(data.val)}, image {image_shape}; {rt.world_size} process(es) on {rt.device}; "
-              f"run dir {out}" + (f"; resuming after epoch {epoch}" if resume else ""), flush=True)
-
+    state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta))
     autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) \
         if tc.precision == "bf16" else contextlib.nullcontext
-    # drop_last: a 1-image tail batch would break BatchNorm (and is a noisy step anyway); the
-    # images left out differ every epoch because the order is reshuffled.
-    per_rank = num_batches(len(data.train), tc.batch_size, world_size=rt.world_size, drop_last=True)
-    if per_rank == 0:
+    s = Session(cfg, rt, run, data, model, autocast,
+                bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
+                budget=parse_budget(tc.budget))
+    if resume:
+        state.restore(load_checkpoint(run.checkpoint("last"), map_location=rt.device), cfg, s.log)
+        if run.checkpoint("best").exists():
+            s.best_weights = load_checkpoint(run.checkpoint("best"))["model"]
+    if rt.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, run.config)
+        if argv is not None:
+            write_json(run.argv, argv)
+        keep_metrics(run.root, state.epoch)
+    s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
+          f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
+          f"run dir {run.root}" + (f"; resuming after epoch {state.epoch}" if resume else ""))
+    if _batches_per_epoch(s) == 0:
         raise ValueError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
                          f"than the {len(data.train)} training images (see --subset)")
-    stop_reason, consecutive_skips = None, 0
+    return s, state
 
-    # --- the loop ---------------------------------------------------------------------------
-    try:
-        while stop_reason is None:
-            if epoch >= tc.max_epochs or early.should_stop:  # (a resumed run may be done)
-                stop_reason = "max_epochs" if epoch >= tc.max_epochs else "early_stopping"
+
+def _batches_per_epoch(s: Session) -> int:
+    # drop_last: a 1-image tail batch would break BatchNorm (and is a noisy step anyway); the
+    # images left out differ every epoch because the order is reshuffled.
+    return num_batches(len(s.data.train), s.cfg.train.batch_size, world_size=s.rt.world_size,
+                       drop_last=True)
+
+
+@dataclass
+class Epoch:
+    """What one pass of updates produced, for `end_epoch`."""
+
+    sums: np.ndarray  # loss, rate, distortion summed over the updates that were applied
+    n_ok: int
+    skipped: int
+    seconds: float
+    images: int
+    peak_lr: float
+    stop_reason: str | None
+
+
+def train_epoch(s: Session, state: TrainState) -> Epoch:
+    """One pass over the training set: warm-up lr, update, count skips; stops early on the
+    budget or on too many non-finite updates in a row."""
+    tc, rt, opt = s.cfg.train, s.rt, state.opt
+    torch.manual_seed(epoch_seed(tc.seed, state.epoch, rt.rank))
+    s.model.train()
+    ep = Epoch(np.zeros(3), 0, 0, 0.0, 0, opt.param_groups[0]["lr"], None)
+    # peak_lr is what the plateau schedule set; warm-up scales it
+    t0 = time.monotonic()
+    bar = None
+    if s.bar:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=_batches_per_epoch(s), desc=f"epoch {state.epoch + 1}", leave=False)
+    for batch in iterate_batches(s.data.train.images, tc.batch_size, shuffle=True, seed=tc.seed,
+                                 epoch=state.epoch, rank=rt.rank, world_size=rt.world_size,
+                                 drop_last=True):
+        for g in opt.param_groups:
+            g["lr"] = ep.peak_lr * warmup_factor(state.step, tc.warmup_steps)
+        x = to_input(batch, rt.device, tc.channels_last)
+        out = training_step(s.model, state.vae, x, opt, tc, beta=kl_beta(state.step,
+                            tc.kl_anneal_steps), autocast=s.autocast, rt=rt)
+        state.step += 1
+        ep.images += x.shape[0] * rt.world_size
+        if out["skipped"]:
+            ep.skipped, s.consecutive_skips = ep.skipped + 1, s.consecutive_skips + 1
+            if s.consecutive_skips > tc.max_skips:
+                ep.stop_reason = "non_finite"
                 break
-            torch.manual_seed(epoch_seed(tc.seed, epoch, rt.rank))
-            model.train()
-            t0, sums, n_seen, n_ok, skipped = time.monotonic(), np.zeros(3), 0, 0, 0
-            peak_lr = opt.param_groups[0]["lr"]  # what the plateau schedule set; warm-up scales it
-            batches = iterate_batches(data.train.images, tc.batch_size, shuffle=True,
-                                      seed=tc.seed, epoch=epoch, rank=rt.rank,
-                                      world_size=rt.world_size, drop_last=True)
-            bar = None
-            if bar_on:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=per_rank, desc=f"epoch {epoch + 1}", leave=False)
-            for batch in batches:
-                for g in opt.param_groups:
-                    g["lr"] = peak_lr * warmup_factor(step, tc.warmup_steps)
-                x = to_input(batch, rt.device, tc.channels_last)
-                s = training_step(model, vae, x, opt, tc, beta=kl_beta(step, tc.kl_anneal_steps),
-                                  autocast=autocast, rt=rt)
-                step += 1
-                if s["skipped"]:
-                    skipped, skipped_total, consecutive_skips = (skipped + 1, skipped_total + 1,
-                                                                 consecutive_skips + 1)
-                    if consecutive_skips > tc.max_skips:
-                        stop_reason = "non_finite"
-                        break
-                else:
-                    consecutive_skips, n_ok = 0, n_ok + 1
-                    sums += [s["loss"], s["rate"], s["distortion"]]
-                n_seen += x.shape[0] * rt.world_size
-                if bar is not None:
-                    rate = n_seen / max(time.monotonic() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{s['loss']:.1f}", rate=f"{s['rate']:.1f}",
-                                    dist=f"{s['distortion']:.1f}", img_s=f"{rate:.0f}",
-                                    refresh=False)
-                    bar.update()
-                if budget is not None and D.any_rank(time.monotonic() - t_start > budget, rt):
-                    stop_reason = "budget"  # ends this (partial) epoch, then evaluates
-                    break
-            if bar is not None:
-                bar.close()
-            for g in opt.param_groups:
-                g["lr"] = peak_lr
-            epoch += 1
-            seconds = time.monotonic() - t0
-            train_seconds += seconds
-            # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
-            means = D.all_reduce_sum(torch.tensor(sums / max(n_ok, 1), device=rt.device), rt)
-            means = (means / rt.world_size).tolist() if n_ok else [None] * 3
-            D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
-            val = evaluate(vae, data.val.images, tc.eval_batch_size, rt, tc.channels_last, autocast)
-            improved = early.step(val["loss"])
-            if tc.plateau_patience > 0:
-                plateau.step(val["loss"])
-            if improved:
-                best_epoch = epoch
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in vae.state_dict().items()}
-            if early.should_stop and stop_reason is None:
-                stop_reason = "early_stopping"
-            if stop_reason == "non_finite" and rt.is_main:
-                print(f"resvae: stopping: more than {tc.max_skips} updates in a row had a "
-                      "non-finite loss or gradient (lower --lr, set --grad-clip, or check the data)",
-                      file=sys.stderr, flush=True)
-            record = {"epoch": epoch, "step": step, "train_loss": means[0], "rate": means[1],
-                      "distortion": means[2], "val_loss": val["loss"], "val_rate": val["rate"],
-                      "val_distortion": val["distortion"], "val_bpd": val.get("bpd"),
-                      "lr": peak_lr, "skipped": skipped, "epoch_seconds": seconds,
-                      "images_per_s": n_seen / max(seconds, 1e-9),
-                      "partial": stop_reason in ("budget", "non_finite")}
-            if rt.is_main:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                print(_fmt(record), flush=True)
-                state = {"model": vae.state_dict(), "optimizer": opt.state_dict(),
-                         "plateau": plateau.state_dict(), "early": asdict(early), "epoch": epoch,
-                         "step": step, "best_epoch": best_epoch, "skipped_total": skipped_total,
-                         "train_seconds": train_seconds, "config": to_dict(cfg),
-                         "image_shape": list(image_shape), "argv": list(argv or [])}
-                save_checkpoint(state, ckpt_dir / "last.pt")
-                if improved:
-                    save_checkpoint(state, ckpt_dir / "best.pt")
-                if tc.sample_every > 0 and epoch % tc.sample_every == 0:
-                    save_images(vae, data.val.images, out, epoch, rt)
-    except KeyboardInterrupt:
-        stop_reason = "interrupted"
+        else:
+            s.consecutive_skips, ep.n_ok = 0, ep.n_ok + 1
+            ep.sums += [out["loss"], out["rate"], out["distortion"]]
+        if bar is not None:
+            bar.set_postfix(loss=f"{out['loss']:.1f}", rate=f"{out['rate']:.1f}",
+                            dist=f"{out['distortion']:.1f}",
+                            img_s=f"{ep.images / max(time.monotonic() - t0, 1e-9):.0f}",
+                            refresh=False)
+            bar.update()
+        if s.over_budget():
+            ep.stop_reason = "budget"  # ends this (partial) epoch, then evaluates
+            break
+    if bar is not None:
+        bar.close()
+    for g in opt.param_groups:
+        g["lr"] = ep.peak_lr
+    ep.seconds = time.monotonic() - t0
+    state.epoch += 1
+    state.train_seconds += ep.seconds
+    state.skipped_total += ep.skipped
+    state.images_seen += ep.images
+    return ep
 
-    # --- the end: final grids, test ELBO with the best weights, summary ---------------------
-    summary = {"stop_reason": stop_reason, "epochs": epoch, "steps": step,
-               "training_seconds": train_seconds, "wall_seconds": time.monotonic() - t_start,
-               "best_epoch": best_epoch, "best_val_loss": early.best if best_epoch else None,
-               "skipped_updates": skipped_total, "world_size": rt.world_size}
+
+def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
+    """Validate, step the schedules, keep the best weights, write the epoch's record, checkpoint
+    and grids; return why the run stops now (None to go on)."""
+    tc, rt, vae = s.cfg.train, s.rt, state.vae
+    # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
+    means = D.all_reduce_sum(torch.tensor(ep.sums / max(ep.n_ok, 1), device=rt.device), rt)
+    means = (means / rt.world_size).tolist() if ep.n_ok else [None] * 3
+    D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
+    val = evaluate(vae, s.data.val.images, tc.eval_batch_size, rt, tc.channels_last, s.autocast)
+    improved = state.early.step(val["loss"])
+    if tc.plateau_patience > 0:
+        state.plateau.step(val["loss"])
+    if improved:
+        state.best_epoch = state.epoch
+        s.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in vae.state_dict().items()}
+    stop_reason = ep.stop_reason
+    if state.early.should_stop and stop_reason is None:
+        stop_reason = "early_stopping"
+    if stop_reason == "non_finite":
+        s.log(f"resvae: stopping: more than {tc.max_skips} updates in a row had a non-finite "
+              "loss or gradient (lower --lr, set --grad-clip, or check the data)", err=True)
+    record = {"epoch": state.epoch, "step": state.step, "train_loss": means[0], "rate": means[1],
+              "distortion": means[2], "val_loss": val["loss"], "val_rate": val["rate"],
+              "val_distortion": val["distortion"], "val_bpd": val.get("bpd"),
+              "lr": ep.peak_lr, "skipped": ep.skipped, "epoch_seconds": ep.seconds,
+              "images_per_s": ep.images / max(ep.seconds, 1e-9),
+              "images_seen": state.images_seen, "train_seconds": state.train_seconds,
+              "partial": stop_reason in ("budget", "non_finite")}
     if rt.is_main:
-        last = _last_record(out / "metrics.jsonl")
-        summary["final_train_loss"] = last.get("train_loss")
-        save_images(vae, data.val.images, out, epoch, rt)
-    if best_state is not None:
-        vae.load_state_dict(best_state)
-    test = evaluate(vae, data.test.images, tc.eval_batch_size, rt, tc.channels_last, autocast)
+        append_metrics(s.run.root, record)
+        s.log(_fmt(record))
+        ckpt = state.checkpoint(s.cfg, s.image_shape, s.argv)
+        save_checkpoint(ckpt, s.run.checkpoint("last"))
+        if improved:
+            save_checkpoint(ckpt, s.run.checkpoint("best"))
+        if tc.sample_every > 0 and state.epoch % tc.sample_every == 0:
+            save_epoch_grids(vae, s.data.val.images, s.run, state.epoch)
+    return stop_reason
+
+
+def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
+    """Final grids, the test ELBO of the best weights, the weights as safetensors, summary.json."""
+    rt, tc, vae, run = s.rt, s.cfg.train, state.vae, s.run
+    summary = {"stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
+               "images_seen": state.images_seen, "training_seconds": state.train_seconds,
+               "wall_seconds": time.monotonic() - s.t_start, "best_epoch": state.best_epoch,
+               "best_val_loss": state.early.best if state.best_epoch else None,
+               "skipped_updates": state.skipped_total, "world_size": rt.world_size}
+    if rt.is_main:
+        last = read_metrics(run.root)
+        summary["final_train_loss"] = last[-1].get("train_loss") if last else None
+        save_epoch_grids(vae, s.data.val.images, run, state.epoch)
+    if s.best_weights is not None:
+        vae.load_state_dict(s.best_weights)
+    test = evaluate(vae, s.data.test.images, tc.eval_batch_size, rt, tc.channels_last, s.autocast)
     if rt.is_main:
         summary.update(test_loss=test["loss"], test_bpd=test.get("bpd"),
                        test_note="negative ELBO of the best-val weights on the test split"
                        + ("" if vae.likelihood.discrete else "; bits/dim undefined for bernoulli"))
-        if best_state is not None:  # weights alone, safe to share and load anywhere
-            atomic_write(ckpt_dir / "best.safetensors", lambda t: save_file(
-                {k: v.contiguous() for k, v in vae.state_dict().items()}, str(t),
-                metadata={"config": json.dumps(to_dict(cfg))}))
-        atomic_write(out / "summary.json",
-                     lambda t: t.write_text(json.dumps(summary, indent=2) + "\n"))
-        print(f"resvae: stopped ({stop_reason}) after {epoch} epochs, "
-              f"{train_seconds:.0f}s training; best val loss {early.best:.2f} "
-              f"at epoch {best_epoch}; test loss {test['loss']:.2f}"
-              + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""), flush=True)
+        summary.update(what_ran(vae, rt, s.argv))
+        if s.best_weights is not None:  # weights alone, safe to share and load anywhere
+            save_weights(vae, s.cfg, run.safetensors)
+        write_json(run.summary, summary)
+        s.log(f"resvae: stopped ({stop_reason}) after {state.epoch} epochs, "
+              f"{state.train_seconds:.0f}s training; best val loss {state.early.best:.2f} "
+              f"at epoch {state.best_epoch}; test loss {test['loss']:.2f}"
+              + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
     return summary
 
 
-def _keep_metrics(path: Path, epochs_done: int) -> None:
-    """On resume, drop records of epochs after the checkpoint (written before a crash)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
-    atomic_write(path, lambda t: t.write_text("".join(ln + "\n" for ln in keep)))
+def what_ran(vae: VAE, rt: D.Runtime, argv) -> dict:
+    """The model's size and cost, and the software and machine that trained it."""
+    info = model_info(vae)
+    return {"layers": info["layers"], "params": info["params"],
+            "flops_per_image": info["flops"], "resvae_version": __version__,
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "device": _device_name(rt.device), "git_commit": git_commit(), "command": argv}
 
 
-def _last_record(path: Path) -> dict:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-__all__ = ["train", "training_step", "evaluate", "EarlyStopping", "make_plateau",
-           "save_checkpoint", "load_checkpoint", "load_model", "save_grid"]
+def git_commit() -> str | None:
+    """The commit of resvae's own source, with '+dirty' for uncommitted changes; None when it is
+    not a git checkout (an installed wheel)."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+__all__ = ["train", "TrainState", "train_epoch", "end_epoch", "finish", "training_step",
+           "EarlyStopping", "make_plateau", "warmup_factor", "kl_beta"]

@@ -143,6 +143,14 @@ def build_vae(config: ModelConfig | None = None, *, channels: int = 3, image_siz
     return VAE(encoder, decoder, lik, (channels, image_size, image_size))
 
 
+def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> VAE:
+    """The VAE a run config describes, for images of `image_shape` (C, H, W)."""
+    c, h, w = image_shape
+    if h != w:
+        raise ValueError(f"images must be square, got {h}x{w} (use --image-size)")
+    return build_vae(cfg.model, channels=c, image_size=h)
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Run a block in eval mode (BatchNorm running statistics), then restore the previous mode,

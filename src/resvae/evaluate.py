@@ -1,0 +1,120 @@
+"""Evaluation: the negative ELBO during training, and a saved run's ELBO and IWAE bounds with
+standard errors (`resvae eval`), plus the number of active latent units.
+
+All of it runs in eval mode (BatchNorm running statistics), on whole images in float32 for the
+log-probabilities (the VAE does that even under bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed as D
+from .data import load_dataset, to_input
+from .likelihoods import bits_per_dim
+from .runs import RunDir, load_run, write_json
+from .vae import VAE, eval_mode
+
+
+@torch.no_grad()
+def evaluate(vae: VAE, images: np.ndarray, batch_size: int, rt: D.Runtime,
+             channels_last: bool = False, autocast=contextlib.nullcontext) -> dict:
+    """Mean negative ELBO and its parts over `images`, exact across DDP ranks (rank r takes every
+    world_size-th image; sums and counts are all-reduced, no padding is double counted)."""
+    shard = images[rt.rank::rt.world_size]
+    keys = ["loss", "rate", "distortion"] + (["bpd"] if vae.likelihood.discrete else [])
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=rt.device)
+    with eval_mode(vae):
+        for start in range(0, len(shard), batch_size):
+            x = to_input(torch.from_numpy(shard[start:start + batch_size]), rt.device,
+                         channels_last)
+            with autocast():
+                out = vae(x)
+            sums[:-1] += torch.stack([out[k].double().sum() for k in keys])
+            sums[-1] += x.shape[0]
+    D.all_reduce_sum(sums, rt)
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    v = values.double()
+    se = v.std(unbiased=True).item() / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return v.mean().item(), se
+
+
+@torch.no_grad()
+def elbo_and_iwae(vae: VAE, images: np.ndarray, k: int, *, batch_size: int = 8,
+                  device="cpu", seed: int = 0, max_batch: int = 512) -> dict:
+    """Per-image negative ELBO and IWAE bound (Burda et al. 2016) over `images`, as means with
+    standard errors over images, in nats and (for discrete likelihoods) bits/dim.
+
+    The IWAE bound with k samples is never looser than the ELBO (k=1); `vae.iwae` decodes at most
+    `max_batch` samples at a time, so k=1000 fits in memory.
+    """
+    torch.manual_seed(seed)
+    elbo, iwae = [], []
+    with eval_mode(vae):
+        for start in range(0, len(images), batch_size):
+            x = to_input(torch.from_numpy(images[start:start + batch_size]), device, False)
+            elbo.append(vae(x)["loss"].double().cpu())
+            iwae.append(-vae.iwae(x, k, max_batch=max_batch).double().cpu())
+    elbo, iwae = torch.cat(elbo), torch.cat(iwae)
+    out = {"k": k, "n_images": len(images)}
+    for name, values in (("elbo", elbo), ("iwae", iwae)):
+        mean, se = _mean_se(values)
+        out[f"{name}_nats"], out[f"{name}_nats_se"] = mean, se
+        if vae.likelihood.discrete:  # a bits/dim standard error is the nats one, rescaled
+            out[f"{name}_bpd"] = float(bits_per_dim(torch.tensor(mean), vae.n_dims))
+            out[f"{name}_bpd_se"] = float(bits_per_dim(torch.tensor(se), vae.n_dims))
+        else:
+            out[f"{name}_bpd"] = out[f"{name}_bpd_se"] = None
+    return out
+
+
+@torch.no_grad()
+def active_units(vae: VAE, images: np.ndarray, *, batch_size: int = 500, device="cpu",
+                 threshold: float = 0.01) -> int:
+    """Latent dimensions whose posterior mean varies over the data: Var_x E_q[z_i|x] > 0.01
+    (Burda et al. 2016). The rest carry no information about x (posterior collapse)."""
+    means = []
+    with eval_mode(vae):
+        for start in range(0, len(images), batch_size):
+            x = to_input(torch.from_numpy(images[start:start + batch_size]), device, False)
+            means.append(vae.encode(x)[0].double().cpu())
+    return int((torch.cat(means).var(dim=0, unbiased=True) > threshold).sum())
+
+
+def eval_run(run_dir: str | Path, *, k: int = 1000, split: str = "test", n: int = 0,
+             which: str = "best", batch_size: int = 8, device="cpu", seed: int = 0,
+             write: bool = True) -> dict:
+    """`resvae eval`: load a run's weights and data, measure ELBO and IWAE on `split` (its first
+    `n` images when n > 0, else all), count active units; write RUN_DIR/eval.json."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"--split must be train, val or test, got {split!r}")
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    vae, cfg = load_run(run_dir, which=which, device=device)
+    dc = cfg.data
+    data = load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
+                        subset=dc.subset, val_fraction=dc.val_fraction, download=False,
+                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
+    images = getattr(data, split).images
+    if n > 0:
+        # evenly spaced, not the first n: test splits are often sorted by class
+        images = images[np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)]
+    result = {"split": split, "weights": which, "seed": seed,
+              **elbo_and_iwae(vae, images, k, batch_size=batch_size, device=device, seed=seed),
+              "active_units": active_units(vae, images, device=device),
+              "latent_dim": vae.latent_dim}
+    if write:  # beside the weights' run: RUN_DIR/eval.json, also for RUN_DIR/checkpoints/x.safetensors
+        p = Path(run_dir)
+        write_json(RunDir(p if p.is_dir() else p.parent.parent).eval, result)
+    return result
+
+
+__all__ = ["evaluate", "elbo_and_iwae", "active_units", "eval_run"]

@@ -1,0 +1,229 @@
+"""A run directory, and the one place that knows its layout.
+
+    RUN_DIR/config.json          the resolved RunConfig
+    RUN_DIR/argv.json            the command that started it
+    RUN_DIR/metrics.jsonl        one record per epoch
+    RUN_DIR/summary.json         how it ended, what it measured, what ran it
+    RUN_DIR/eval.json            `resvae eval` (and the sweep): ELBO and IWAE with standard errors
+    RUN_DIR/checkpoints/{last,best}.pt, best.safetensors
+    RUN_DIR/samples/epoch_NNNN.png, RUN_DIR/recon/epoch_NNNN.png
+
+Every other module asks this one for paths, reads and writes (nanoGPT's single checkpoint dict,
+one loader shared by training, evaluation and sampling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, RunConfig, from_dict, resolve, to_dict
+from .files import atomic_write
+from .vae import VAE, build_from_config
+
+CHECKPOINTS = ("last", "best")
+
+
+class RunDir:
+    """Paths inside one run directory (nothing is created until something is written)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.json")
+    argv = property(lambda self: self.root / "argv.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    summary = property(lambda self: self.root / "summary.json")
+    eval = property(lambda self: self.root / "eval.json")
+    samples = property(lambda self: self.root / "samples")
+    recon = property(lambda self: self.root / "recon")
+    safetensors = property(lambda self: self.root / "checkpoints" / "best.safetensors")
+
+    def checkpoint(self, which: str = "last") -> Path:
+        if which not in CHECKPOINTS:
+            raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+        return self.root / "checkpoints" / f"{which}.pt"
+
+    def grid(self, kind: str, epoch: int) -> Path:
+        return getattr(self, kind) / f"epoch_{epoch:04d}.png"
+
+    def latest_grid(self, kind: str) -> Path | None:
+        grids = sorted(getattr(self, kind).glob("epoch_*.png"))
+        return grids[-1] if grids else None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+
+# --- JSON records -------------------------------------------------------------------------------
+def write_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=2) + "\n"  # serialise first: a bad value writes nothing
+    atomic_write(path, lambda t: t.write_text(text))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_summary(run_dir) -> dict:
+    return read_json(RunDir(run_dir).summary)
+
+
+def read_config(run_dir) -> RunConfig:
+    path = RunDir(run_dir).config
+    return from_dict(read_json(path), source=str(path))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The per-epoch records, oldest first; [] before the first epoch ends."""
+    path = RunDir(run_dir).metrics
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+    return out
+
+
+def append_metrics(run_dir, record: dict) -> None:
+    with open(RunDir(run_dir).metrics, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def keep_metrics(run_dir, epochs_done: int) -> None:
+    """On resume, drop records of epochs after the checkpoint (written before a crash)."""
+    path = RunDir(run_dir).metrics
+    if path.exists():
+        keep = [r for r in read_metrics(run_dir) if r["epoch"] <= epochs_done]
+        atomic_write(path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+
+
+def is_finished(run_dir) -> bool:
+    """A run that ended on its own terms (not interrupted): a sweep does not train it again."""
+    path = RunDir(run_dir).summary
+    if not path.exists():
+        return False
+    # non_finite ended too: rerunning it would only diverge again (the table reports it)
+    return read_json(path).get("stop_reason") in ("max_epochs", "early_stopping", "budget",
+                                                  "non_finite")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def save_checkpoint(state: Mapping, path: Path) -> None:
+    atomic_write(Path(path), lambda tmp: torch.save(dict(state), tmp))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """The one checkpoint loader: weights_only=True (no arbitrary pickles); strips torch.compile's
+    `_orig_mod.` and DDP's `module.` prefixes. A broken file is a ValueError naming it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a loadable resvae checkpoint "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    state["model"] = {_strip_wrappers(k): v for k, v in state["model"].items()}
+    return state
+
+
+def _strip_wrappers(key: str) -> str:
+    # DDP and torch.compile can wrap each other in either order.
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def save_weights(vae: VAE, cfg: RunConfig, path: Path) -> None:
+    """Weights alone as safetensors, with the config and image shape in the metadata: safe to
+    share, and enough to rebuild the model with no pickle involved."""
+    tensors = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
+    meta = {"config": json.dumps(to_dict(cfg)), "image_shape": json.dumps(list(vae.image_shape)),
+            "format": "resvae"}
+    atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
+
+
+def _load_safetensors(path: Path, device) -> tuple[VAE, RunConfig]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if "config" not in meta or "image_shape" not in meta:
+        raise ValueError(f"{path}: no resvae config/image_shape in its metadata (not written by "
+                         "resvae)")
+    cfg = from_dict(json.loads(meta["config"]), source=f"{path} metadata")
+    vae = build_from_config(cfg, tuple(json.loads(meta["image_shape"]))).to(device)
+    vae.load_state_dict(state)
+    return vae.eval(), cfg
+
+
+def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> tuple[VAE, RunConfig]:
+    """Rebuild a trained VAE in eval mode: from RUN_DIR/checkpoints/<which>.pt, or from a
+    `.safetensors` file (RUN_DIR/checkpoints/best.safetensors alone is enough)."""
+    path = Path(run_dir)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a run directory or a .safetensors file")
+    run = RunDir(path)
+    ckpt = run.checkpoint(which)
+    if not ckpt.exists() and which == "best" and run.safetensors.exists():
+        return _load_safetensors(run.safetensors, device)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint (has {path} finished an epoch?)")
+    state = load_checkpoint(ckpt, map_location=device)
+    cfg = from_dict(state["config"], source=str(ckpt))
+    vae = build_from_config(cfg, tuple(state["image_shape"])).to(device)
+    vae.load_state_dict(state["model"])
+    return vae.eval(), cfg
+
+
+# --- starting and resuming ----------------------------------------------------------------------
+def resume_config(run_dir, environ: Mapping[str, str], overrides: Mapping) -> RunConfig:
+    """The config to continue `run_dir` with: its config.json under env vars and flags, which may
+    change training settings (lr, budget, max_epochs...) but never the model."""
+    run = RunDir(run_dir)
+    if not run.checkpoint("last").exists():
+        raise ConfigError(f"--resume {run.root}: no checkpoints/last.pt there (not a run "
+                          "directory, or it stopped before its first epoch ended)")
+    cfg = resolve(config_file=str(run.config), environ=environ, overrides=overrides)
+    saved = resolve(config_file=str(run.config), environ={})
+    if cfg.model != saved.model:
+        diff = ", ".join(f"{k} {v!r} in the run vs {getattr(cfg.model, k)!r}"
+                         for k, v in vars(saved.model).items() if getattr(cfg.model, k) != v)
+        raise ConfigError(f"--resume {run.root}: the model settings differ from the run's "
+                          f"config.json ({diff}; from flags or RESVAE_* variables); they must match")
+    return cfg
+
+
+def check_fresh(run_dir) -> None:
+    """A new run must not land on top of another one."""
+    run = RunDir(run_dir)
+    if run.checkpoint("last").exists():
+        raise ConfigError(f"--out {run.root}: already holds a run; use --resume {run.root} to "
+                          "continue it, or choose another --out")
+
+
+__all__ = ["RunDir", "load_run", "load_checkpoint", "save_checkpoint", "save_weights",
+           "read_metrics", "read_summary", "read_config", "read_json", "write_json",
+           "append_metrics", "keep_metrics", "is_finished", "resume_config", "check_fresh"]
