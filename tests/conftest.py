@@ -1,12 +1,13 @@
 import os
 
-import pytest
-
-import resvae.train as T
-from resvae.data import ImageSet, load_dataset
-
-# Tests run on 2 shared cores: keep torch from oversubscribing them.
+# Tests run on 2 shared cores: keep torch from oversubscribing them. Set before torch is
+# imported (below, through resvae), or it has no effect.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+import resvae.train as T  # noqa: E402
+from resvae.data import ImageSet, load_dataset  # noqa: E402
 
 
 def pytest_addoption(parser):

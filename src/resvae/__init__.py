@@ -1,6 +1,8 @@
 """resvae: variational autoencoders with deep residual encoders and decoders."""
 
-from .vae import VAE, build_vae
+__version__ = "0.1.0"  # before the imports: train.py records it in every summary
 
-__all__ = ["VAE", "build_vae"]
-__version__ = "0.1.0"
+from .runs import load_run  # noqa: E402
+from .vae import VAE, build_vae  # noqa: E402
+
+__all__ = ["VAE", "build_vae", "load_run"]

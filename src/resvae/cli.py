@@ -76,6 +76,117 @@ def cmd_train(args) -> int:
     return 3 if summary.get("stop_reason") == "non_finite" else 0
 
 
+def _flag_overrides(args, keys) -> dict:
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import SweepSpec, load_sweep_file, sweep
+
+    fixed = _flag_overrides(args, [k for k in fields_flat() if k not in ("depth", "shortcut")])
+    if args.file:
+        spec = load_sweep_file(args.file)
+        spec.fixed.update(fixed)  # flags win over the file's [set]
+        default_out = Path("runs") / f"sweep-{Path(args.file).stem}"
+        if args.preset or args.config:
+            raise ConfigError(f"{args.file} names its own preset/config; drop --preset/--config")
+    else:
+        if not args.depths:
+            raise ConfigError("resvae sweep: give --depths (e.g. 20,52,100,204) or a sweep file")
+        spec = SweepSpec(grid={"depth": args.depths}, preset=args.preset, config=args.config,
+                         fixed=fixed)
+        default_out = Path("runs") / f"sweep-{args.preset or 'default'}"
+    if args.depths and args.file:
+        spec.grid["depth"] = args.depths
+    if args.shortcut:
+        spec.grid["shortcut"] = args.shortcut
+    for key in ("budget_per_run", "iwae_k", "iwae_n"):
+        if getattr(args, key) is not None:
+            setattr(spec, key, getattr(args, key))
+    out = Path(args.out or default_out)
+    entries = sweep(spec, out, environ=os.environ)
+    return 0 if all(e["status"] == "done" for e in entries) else 1
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    paths = report(args.sweep_dir, html_out=args.o)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .report import compare
+
+    print(compare(args.run_dirs))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import eval_run
+
+    r = eval_run(args.run_dir, k=args.k, split=args.split, n=args.n, which=args.which,
+                 device=args.device, seed=args.seed, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    unit = "bits/dim" if r["elbo_bpd"] is not None else "nats/image"
+    for name in ("elbo", "iwae"):
+        label = "negative ELBO" if name == "elbo" else f"IWAE (k={r['k']})"
+        line = f"{label:>15}: {r[name + '_nats']:.2f} +- {r[name + '_nats_se']:.2f} nats/image"
+        if r["elbo_bpd"] is not None:
+            line += f" = {r[name + '_bpd']:.4f} +- {r[name + '_bpd_se']:.4f} bits/dim"
+        print(line)
+    print(f"{'active units':>15}: {r['active_units']} of {r['latent_dim']}  "
+          f"({r['split']} split, {r['n_images']} images; lower is better, {unit})")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .generate import sample_run
+
+    print(sample_run(args.run_dir, args.o, n=args.n, temperature=args.temperature,
+                     seed=args.seed, device=args.device))
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from .generate import reconstruct_run
+
+    print(reconstruct_run(args.run_dir, args.o, n=args.n, split=args.split, device=args.device))
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from .generate import interpolate_run
+
+    print(interpolate_run(args.run_dir, args.o, pairs=args.pairs, steps=args.steps,
+                          split=args.split, device=args.device))
+    return 0
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 0 or (n == 0 and text.strip() != "0"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return n
+
+
+def _run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a run directory, or a .safetensors file written by resvae")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="resvae", description="VAEs with deep residual encoders/decoders: train and measure.",
@@ -105,6 +216,75 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped")
     _add_config_flags(tr, fields_flat())
     tr.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser("sweep", help="train one run per depth (x shortcut), then report",
+                        description="Train the same VAE at several depths (and shortcuts), "
+                        "everything else equal (seed, data order, images per run), into "
+                        "SWEEP_DIR/<name>/; rerunning skips finished runs and resumes "
+                        "interrupted ones; writes results.csv/.md and figures.")
+    sw.add_argument("file", nargs="?", metavar="SWEEP_FILE",
+                    help="a TOML sweep: preset, [grid] of lists, [set] of fixed settings")
+    sw.add_argument("--depths", type=_depths, help="comma list, e.g. 20,52,100,204")
+    sw.add_argument("--shortcut", type=_list, help="comma list of identity, projection, none")
+    sw.add_argument("--budget-per-run", dest="budget_per_run",
+                    help="wall-clock guard per run, e.g. 15m (the comparison is images, not time)")
+    sw.add_argument("--iwae-k", dest="iwae_k", type=_positive,
+                    help="IWAE samples per test image after each run (default 100; 0 = none)")
+    sw.add_argument("--iwae-n", dest="iwae_n", type=_positive,
+                    help="test images for the IWAE estimate (default 1000; 0 = all)")
+    sw.add_argument("--out", help="sweep directory (default runs/sweep-<preset or file name>)")
+    sw.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
+    sw.add_argument("--config", help="a TOML file of settings shared by every run")
+    _add_config_flags(sw, [k for k in fields_flat() if k not in ("depth", "shortcut")])
+    sw.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="results table, figures and an HTML page of a sweep")
+    rp.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    rp.add_argument("-o", metavar="HTML", help="also write one self-contained HTML page")
+    rp.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="the results table for any run directories")
+    cp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cp.set_defaults(func=cmd_compare)
+
+    ev = sub.add_parser("eval", help="negative ELBO and IWAE bound of a saved run",
+                        description="Negative ELBO and the importance-weighted bound (Burda et "
+                        "al. 2016), each with its standard error over images, in nats and "
+                        "bits/dim, plus active latent units; written to RUN_DIR/eval.json.")
+    _run_arg(ev)
+    ev.add_argument("--k", type=int, default=1000, help="importance samples (default 1000)")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--n", type=_positive, default=0,
+                    help="evenly spaced images of the split (default 0 = all)")
+    ev.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
+    ev.add_argument("--batch-size", dest="batch_size", type=int, default=8,
+                    help="images per IWAE batch (k samples each, decoded in chunks)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true", help="print eval.json's object")
+    ev.set_defaults(func=cmd_eval)
+
+    sa = sub.add_parser("sample", help="a grid of images from a saved run's prior")
+    _run_arg(sa)
+    sa.add_argument("-n", type=int, default=100, help="images (default 100, 10 per row)")
+    sa.add_argument("-o", required=True, metavar="PNG")
+    sa.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, t^2), default 1")
+    sa.add_argument("--seed", type=int, default=1234)
+    sa.set_defaults(func=cmd_sample)
+
+    rc = sub.add_parser("reconstruct", help="test images above their reconstructions")
+    _run_arg(rc)
+    rc.add_argument("-n", type=int, default=50, help="images (default 50)")
+    rc.add_argument("-o", required=True, metavar="PNG")
+    rc.add_argument("--split", default="test", choices=["train", "val", "test"])
+    rc.set_defaults(func=cmd_reconstruct)
+
+    ip = sub.add_parser("interpolate", help="walks in latent space between test images")
+    _run_arg(ip)
+    ip.add_argument("--pairs", type=int, default=8, help="rows (default 8)")
+    ip.add_argument("--steps", type=int, default=10, help="images per row (default 10)")
+    ip.add_argument("-o", required=True, metavar="PNG")
+    ip.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ip.set_defaults(func=cmd_interpolate)
     return p
 
 
@@ -113,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = ["resvae", *(sys.argv[1:] if argv is None else argv)]
     try:
         return args.func(args)
-    except ValueError as e:  # ConfigError, DataError and bad model options are ValueErrors
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, bad model options
         # Bad input: one clear line naming the flag/file, not a traceback.
         print(f"resvae {args.command}: error: {e}", file=sys.stderr)
         return 2

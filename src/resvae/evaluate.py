@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .data import load_dataset, to_input
+from .config import RunConfig
+from .data import Splits, load_dataset, to_input
 from .likelihoods import bits_per_dim
 from .runs import RunDir, load_run, write_json
 from .vae import VAE, eval_mode
@@ -89,21 +90,26 @@ def active_units(vae: VAE, images: np.ndarray, *, batch_size: int = 500, device=
     return int((torch.cat(means).var(dim=0, unbiased=True) > threshold).sum())
 
 
+def load_run_data(cfg: RunConfig) -> Splits:
+    """The splits a run was trained and validated on (never downloads)."""
+    dc = cfg.data
+    return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
+                        subset=dc.subset, val_fraction=dc.val_fraction, download=False,
+                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
+
+
 def eval_run(run_dir: str | Path, *, k: int = 1000, split: str = "test", n: int = 0,
              which: str = "best", batch_size: int = 8, device="cpu", seed: int = 0,
-             write: bool = True) -> dict:
+             data: Splits | None = None, write: bool = True) -> dict:
     """`resvae eval`: load a run's weights and data, measure ELBO and IWAE on `split` (its first
-    `n` images when n > 0, else all), count active units; write RUN_DIR/eval.json."""
+    `n` images when n > 0, else all), count active units; write RUN_DIR/eval.json. `data`:
+    the run's splits, already loaded."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"--split must be train, val or test, got {split!r}")
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     vae, cfg = load_run(run_dir, which=which, device=device)
-    dc = cfg.data
-    data = load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
-                        subset=dc.subset, val_fraction=dc.val_fraction, download=False,
-                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
-    images = getattr(data, split).images
+    images = getattr(data if data is not None else load_run_data(cfg), split).images
     if n > 0:
         # evenly spaced, not the first n: test splits are often sorted by class
         images = images[np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import load_dataset, to_input
+from .data import to_input
 from .files import atomic_write
 from .runs import RunDir, load_run
 from .vae import VAE, eval_mode
@@ -81,11 +81,8 @@ def save_epoch_grids(vae: VAE, val_images: np.ndarray, run: RunDir, epoch: int) 
 
 
 def _run_images(cfg, split: str) -> np.ndarray:
-    dc = cfg.data
-    data = load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
-                        subset=dc.subset, val_fraction=dc.val_fraction, download=False,
-                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
-    return getattr(data, split).images
+    from .evaluate import load_run_data
+    return getattr(load_run_data(cfg), split).images
 
 
 def _checked(n: int, what: str) -> int:

@@ -1,0 +1,455 @@
+"""Reports over runs: a results table (CSV + Markdown), figures, one self-contained HTML page.
+
+Read-only over run directories; it never trains. A sweep directory holds one run directory per
+(depth, shortcut) and sweep.json, which lists the runs, failed and pending ones included:
+
+    report(sweep_dir, html_out)   results.csv, results.md, curves/loss_vs_depth/degradation.png
+    compare(run_dirs)             the same table for any run directories, as text
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import html
+import io
+import math
+from pathlib import Path
+
+from . import runs
+from .files import atomic_write
+
+# The 2018 study's Table 1: its four nets on one GTX 1070, loss = 3072 x BCE + KL in nats on the
+# original CIFAR-10 (comparable to a run here only with likelihood "bernoulli" on cifar10).
+STUDY_TABLE1 = [
+    {"depth": 28, "train_hours": 79.2, "train_loss": 1790.4, "val_loss": 1794.7},
+    {"depth": 40, "train_hours": 61.9, "train_loss": 1787.5, "val_loss": 1795.7},
+    {"depth": 70, "train_hours": 80.0, "train_loss": 1784.8, "val_loss": 1799.0},
+    {"depth": 100, "train_hours": 164.7, "train_loss": 1782.3, "val_loss": 1804.0},
+]
+STUDY_NOTE = ("The 2018 study, Table 1: one GTX 1070; loss = 3072 x BCE + KL in nats on the "
+              "original CIFAR-10. Comparable to runs here only with likelihood bernoulli on "
+              "cifar10.")
+
+COLUMNS = ["name", "depth", "shortcut", "layers", "params", "gflops", "train_time_s", "images_seen",
+           "epochs", "stop_reason", "best_epoch", "train_loss", "val_loss", "test_bpd",
+           "test_iwae_bpd", "active_units", "status", "error"]
+FIGURES = ["curves", "loss_vs_depth", "degradation"]
+
+
+# --- reading run directories (read-only; runs.py knows the layout) ---------------------------
+
+def _read_optional(path: Path) -> dict:
+    """A JSON record a run may not have (yet): {} when missing."""
+    return runs.read_json(path) if path.exists() else {}
+
+
+def latest_samples(run_dir: str | Path) -> Path | None:
+    """The run's newest sample grid (samples/epoch_NNNN.png), or None."""
+    return runs.RunDir(run_dir).latest_grid("samples")
+
+
+def find_runs(sweep_dir: str | Path) -> tuple[list[Path], list[dict | None]]:
+    """The runs of a sweep, in sweep.json's order; without sweep.json, every subdirectory holding a
+    config.json. Returns run directories and their sweep.json entries (None without one)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ValueError(f"sweep directory {sweep_dir} does not exist")
+    sweep = _read_optional(sweep_dir / "sweep.json")
+    if sweep:
+        entries = sweep.get("runs", [])
+        dirs = [sweep_dir / e.get("dir", e["name"]) for e in entries]
+    else:
+        dirs = sorted(p for p in sweep_dir.iterdir() if (p / "config.json").is_file())
+        entries = [None] * len(dirs)
+    if not dirs:
+        raise ValueError(f"{sweep_dir} holds no runs (no runs in sweep.json, or no sweep.json and "
+                         "no subdirectory with a config.json)")
+    return dirs, entries
+
+
+# --- the results table -----------------------------------------------------------------------
+
+def _run_row(run_dir: Path, entry: dict | None) -> dict:
+    entry, run = entry or {}, runs.RunDir(run_dir)
+    # a failed run may have no config.json: its sweep.json entry still names depth and shortcut
+    model = vars(runs.read_config(run_dir).model) if run.config.exists() else {}
+    summary, ev = _read_optional(run.summary), _read_optional(run.eval)
+    flops = summary.get("flops_per_image")
+    # eval.json is the more careful measurement (its own pass, with SEs), so it wins over summary's
+    test_bpd = ev.get("elbo_bpd") if "elbo_bpd" in ev else summary.get("test_bpd")
+    status = entry.get("status") or ("done" if summary else "incomplete")
+    return {"name": entry.get("name", run_dir.name),
+            "depth": model.get("depth", entry.get("depth")),
+            "shortcut": model.get("shortcut", entry.get("shortcut")),
+            "layers": summary.get("layers"), "params": summary.get("params"),
+            "gflops": None if flops is None else flops / 1e9,
+            "train_time_s": summary.get("training_seconds"),
+            "images_seen": summary.get("images_seen"), "epochs": summary.get("epochs"),
+            "stop_reason": summary.get("stop_reason"), "best_epoch": summary.get("best_epoch"),
+            "train_loss": summary.get("final_train_loss"), "val_loss": summary.get("best_val_loss"),
+            "test_bpd": test_bpd, "test_iwae_bpd": ev.get("iwae_bpd"),
+            "active_units": ev.get("active_units"), "status": status,
+            "error": entry.get("error") or ""}
+
+
+def collect(run_dirs, sweep_entries=None) -> list[dict]:
+    """One row per run (keys: COLUMNS, in order; None where unknown). `sweep_entries[i]`, if
+    given, is sweep.json's entry for `run_dirs[i]`: its status and error, and it names a run whose
+    directory a failure left empty or never made."""
+    run_dirs = [Path(d) for d in run_dirs]
+    sweep_entries = list(sweep_entries) if sweep_entries is not None else [None] * len(run_dirs)
+    if len(sweep_entries) != len(run_dirs):
+        raise ValueError(f"{len(sweep_entries)} sweep entries for {len(run_dirs)} run dirs")
+    for d, e in zip(run_dirs, sweep_entries):
+        if e is None and not runs.RunDir(d).config.is_file():
+            raise ValueError(f"{d} is not a run directory (no config.json there)")
+    return [_run_row(d, e) for d, e in zip(run_dirs, sweep_entries)]
+
+
+def format_time(seconds: float) -> str:
+    """12.3s, 4m12s, 3h05m: as precise as a reader of a results table wants."""
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    s = round(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+HEADERS = {"name": "run", "depth": "depth", "shortcut": "shortcut", "layers": "layers",
+           "params": "params", "gflops": "GFLOPs/img", "train_time_s": "train time",
+           "images_seen": "images", "epochs": "epochs", "stop_reason": "stop",
+           "best_epoch": "best epoch", "train_loss": "train loss", "val_loss": "val loss",
+           "test_bpd": "test bpd", "test_iwae_bpd": "test IWAE bpd",
+           "active_units": "active units", "status": "status", "error": "error"}
+_FORMATS = {"params": "{:,}".format, "images_seen": "{:,}".format, "gflops": "{:.3g}".format,
+            "train_time_s": format_time, "train_loss": "{:.1f}".format,
+            "val_loss": "{:.1f}".format, "test_bpd": "{:.3f}".format,
+            "test_iwae_bpd": "{:.3f}".format}
+_TEXT = {"name", "shortcut", "stop_reason", "status", "error"}  # left-aligned; the rest numbers
+
+
+def format_cell(column: str, value) -> str:
+    """A value as a person reads it; "" for unknown (None, or NaN from a diverged run)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if column == "error":  # the first line says what happened; the CSV keeps all of it
+        return str(value).strip().splitlines()[0] if str(value).strip() else ""
+    return _FORMATS.get(column, str)(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results as a Markdown table (what `resvae compare` prints and results.md holds)."""
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    out = [line(HEADERS[c] for c in COLUMNS),
+           "|" + "|".join("---" if c in _TEXT else "---:" for c in COLUMNS) + "|"]
+    out += [line(format_cell(c, r[c]) for c in COLUMNS) for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def format_study_table() -> str:
+    out = ["| depth | train time | train loss | val loss |", "|---:|---:|---:|---:|"]
+    out += [f"| {r['depth']} | {r['train_hours']:.1f} h | {r['train_loss']:.1f} | "
+            f"{r['val_loss']:.1f} |" for r in STUDY_TABLE1]
+    return "\n".join(out) + "\n"
+
+
+def write_results(sweep_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
+    """results.csv (every value, full precision) and results.md (formatted), written atomically."""
+    sweep_dir = Path(sweep_dir)
+    paths = {"csv": sweep_dir / "results.csv", "md": sweep_dir / "results.md"}
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in rows)
+
+    md = (f"# Results: {sweep_dir.name}\n\n{format_table(rows)}\n"
+          f"## The 2018 study\n\n{STUDY_NOTE}\n\n{format_study_table()}")
+    atomic_write(paths["csv"], write_csv)
+    atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
+    return paths
+
+
+# --- figures -----------------------------------------------------------------------------------
+# matplotlib's object API (Figure, no pyplot): no global backend or figure state, safe in a
+# library and in threads; Figure.savefig renders with Agg.
+
+def _label(row: dict) -> str:
+    return f"depth {row['depth']} {row['shortcut']}"
+
+
+def _values(records: list[dict], key: str) -> list[float]:
+    return [math.nan if r.get(key) is None else r[key] for r in records]
+
+
+def plot_curves(rows: list[dict], metrics: list[list[dict]]):
+    """Train and val loss per epoch, one line per run: colour by depth, dashed = plain."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)  # own y scales: val and train losses can sit far apart
+    depths = sorted({r["depth"] for r in rows if r["depth"] is not None})
+    cmap = colormaps["viridis"]
+    for row, records in zip(rows, metrics):
+        if not records:
+            continue
+        k = depths.index(row["depth"]) if row["depth"] in depths else 0
+        style = dict(color=cmap(0.85 * k / max(len(depths) - 1, 1)), label=_label(row),
+                     linestyle="--" if row["shortcut"] == "none" else "-")
+        epochs = [r["epoch"] for r in records]
+        axes[0].plot(epochs, _values(records, "train_loss"), **style)
+        axes[1].plot(epochs, _values(records, "val_loss"), **style)
+    for ax, title in zip(axes, ("train loss", "val loss")):
+        ax.set(title=title, xlabel="epoch", ylabel="loss (nats / image)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if any(metrics):
+        axes[1].legend(fontsize="small")
+    else:
+        fig.suptitle("no metrics yet")
+    return fig
+
+
+def _depth_axis(rows: list[dict]) -> tuple[str, str]:
+    """x of the depth plots: summary's counted layers when every run has them, else config depth."""
+    if rows and all(r["layers"] is not None for r in rows):
+        return "layers", "weight layers"
+    return "depth", "depth (weight layers, config)"
+
+
+def _by_shortcut(rows: list[dict]) -> tuple[str, str, dict[str, list[dict]]]:
+    """The depth axis (key, label) and the rows with a train loss grouped by shortcut, each group
+    sorted along that axis."""
+    usable = [r for r in rows if r["train_loss"] is not None and r["depth"] is not None]
+    x, xlabel = _depth_axis(usable)
+    groups = {}
+    for r in sorted(usable, key=lambda r: r[x]):
+        groups.setdefault(r["shortcut"], []).append(r)
+    return x, xlabel, groups
+
+
+def _finish_depth_axes(ax, groups: dict, x: str, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    depths = sorted({r[x] for group in groups.values() for r in group})
+    if depths:
+        ax.set_xticks(depths)  # ticks at the depths that were run, not 20.5, 21.0, ...
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+
+
+def plot_loss_vs_depth(rows: list[dict]):
+    """Final train loss (solid) and best val loss (dashed) against depth, a colour per shortcut."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    x, xlabel, groups = _by_shortcut(rows)
+    for i, (shortcut, group) in enumerate(groups.items()):
+        xs = [r[x] for r in group]
+        ax.plot(xs, [r["train_loss"] for r in group], "o-", color=f"C{i}",
+                label=f"{shortcut}: train")
+        val = [(r[x], r["val_loss"]) for r in group if r["val_loss"] is not None]
+        if val:
+            ax.plot(*zip(*val), "s--", color=f"C{i}", label=f"{shortcut}: val")
+    _finish_depth_axes(ax, groups, x, xlabel, "loss (nats / image)", "loss against depth")
+    return fig
+
+
+def plot_degradation(rows: list[dict]):
+    """Residual vs plain TRAINING loss against depth: He et al. 2016's degradation plot (their
+    Fig. 1/4), where a deeper plain net trains worse and a residual one does not."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    x, xlabel, groups = _by_shortcut(rows)
+    colours = {"identity": "C0", "projection": "C2", "none": "C3"}
+    for shortcut, group in groups.items():
+        plain = shortcut == "none"
+        ax.plot([r[x] for r in group], [r["train_loss"] for r in group],
+                "s--" if plain else "o-", color=colours.get(shortcut, "C4"),
+                label="plain (no shortcut)" if plain else f"residual ({shortcut} shortcut)")
+    missing = [k for k, have in (("plain", "none" in groups),
+                                 ("residual", any(s != "none" for s in groups))) if not have]
+    title = "degradation: final training loss against depth"
+    _finish_depth_axes(ax, groups, x, xlabel, "train loss (nats / image)",
+                       title + (f"\n(no {' or '.join(missing)} runs)" if missing else ""))
+    return fig
+
+
+def _figures(rows: list[dict], run_dirs) -> dict:
+    metrics = [runs.read_metrics(d) for d in run_dirs]
+    return {"curves": plot_curves(rows, metrics), "loss_vs_depth": plot_loss_vs_depth(rows),
+            "degradation": plot_degradation(rows)}
+
+
+def make_figures(rows: list[dict], run_dirs, out_dir: str | Path) -> dict[str, Path]:
+    """curves.png, loss_vs_depth.png, degradation.png in `out_dir`; returns {name: path}."""
+    paths = {}
+    for name, fig in _figures(rows, run_dirs).items():
+        paths[name] = Path(out_dir) / f"{name}.png"
+        atomic_write(paths[name], lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
+    return paths
+
+
+# --- the HTML page -------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 3px 5px; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; white-space: normal; vertical-align: bottom; }
+th.text, td.text { text-align: left; }
+.wide { overflow-x: auto; }
+td.error { text-align: left; white-space: normal; color: #a00; min-width: 10em; }
+pre.error { background: #fff0f0; padding: 6px; white-space: pre-wrap; font-size: 12px; }
+tr.failed { background: #fff0f0; }
+.note { color: #555; font-size: 13px; }
+img { max-width: 100%; }
+.samples { display: flex; flex-wrap: wrap; gap: 14px; }
+figure { margin: 0; width: 270px; } figcaption { text-align: center; font-size: 13px; }
+"""
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _results_html(rows: list[dict]) -> str:
+    head = "".join(f'<th class="{"text" if c in _TEXT else "num"}">{html.escape(HEADERS[c])}</th>'
+                   for c in COLUMNS)
+    body = []
+    for r in rows:
+        cells = []
+        for c in COLUMNS:
+            cls = "error" if c == "error" else "text" if c in _TEXT else "num"
+            text = format_cell(c, r[c])
+            if c == "error" and len(text) > 40:  # the whole text is under the table
+                text = text[:40] + "\u2026"
+            cells.append(f'<td class="{cls}">{html.escape(text)}</td>')
+        failed = ' class="failed"' if r["status"] == "failed" else ""
+        body.append(f"<tr{failed}>{''.join(cells)}</tr>")
+    # in a scrolling box: 18 columns and a long error must not widen the whole page
+    return (f'<div class="wide"><table class="results"><thead><tr>{head}</tr></thead>\n<tbody>\n'
+            + "\n".join(body) + "\n</tbody></table></div>")
+
+
+def _errors_html(rows: list[dict]) -> str:
+    """The whole error text of each failed run (its table cell has room for the first line)."""
+    failed = [r for r in rows if r["error"]]
+    return "".join(f"<h3>{html.escape(r['name'])}: {html.escape(r['status'])}</h3>\n"
+                   f'<pre class="error">{html.escape(str(r["error"]))}</pre>\n' for r in failed)
+
+
+def _study_html() -> str:
+    body = "\n".join(f"<tr><td>{r['depth']}</td><td>{r['train_hours']:.1f} h</td>"
+                     f"<td>{r['train_loss']:.1f}</td><td>{r['val_loss']:.1f}</td></tr>"
+                     for r in STUDY_TABLE1)
+    return ('<table class="study"><thead><tr><th>depth</th><th>train time</th><th>train loss</th>'
+            f"<th>val loss</th></tr></thead>\n<tbody>\n{body}\n</tbody></table>")
+
+
+def _samples_html(rows: list[dict], run_dirs) -> str:
+    figures = []
+    for row, run_dir in zip(rows, run_dirs):
+        grid = latest_samples(run_dir)
+        if grid is None:
+            continue
+        caption = html.escape(f"depth {row['depth']}, shortcut {row['shortcut']}")
+        detail = html.escape(f"{row['name']}, epoch {int(grid.stem.split('_')[1])}")
+        figures.append(f'<figure><img src="{_data_uri(grid.read_bytes())}" alt="{caption}" '
+                       f'width="270"><figcaption>{caption}<br><small>{detail}</small>'
+                       "</figcaption></figure>")
+    return ('<div class="samples">' + "\n".join(figures) + "</div>") if figures \
+        else '<p class="note">No sample grids yet.</p>'
+
+
+def write_html(sweep_dir: str | Path, out_path: str | Path, rows: list[dict] | None = None,
+               figures: dict[str, Path] | None = None) -> Path:
+    """One self-contained page (images inline as data: URIs; no network, fonts or scripts).
+    `rows` and `figures` (make_figures' paths) are reused when given, else made here."""
+    sweep_dir, out_path = Path(sweep_dir), Path(out_path)
+    run_dirs, entries = find_runs(sweep_dir)
+    rows = collect(run_dirs, entries) if rows is None else rows
+    if len(rows) != len(run_dirs):
+        raise ValueError(f"{len(rows)} rows for the {len(run_dirs)} runs of {sweep_dir}")
+    if figures is None:
+        pngs = {name: _png(fig) for name, fig in _figures(rows, run_dirs).items()}
+    else:
+        pngs = {name: Path(figures[name]).read_bytes() for name in FIGURES}
+    title = html.escape(f"resvae report: {sweep_dir.resolve().name}")
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    n_done = sum(r["status"] == "done" for r in rows)
+
+    def img(name, alt):
+        return f'<img src="{_data_uri(pngs[name])}" alt="{html.escape(alt)}">'
+
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>{title}</h1>
+<p class="note">{html.escape(str(sweep_dir.resolve()))}: {len(rows)} runs, {n_done} done.
+Generated {html.escape(now)}.</p>
+<h2>Results</h2>
+{_results_html(rows)}
+<p class="note">Losses are the negative ELBO in nats per image under each run's likelihood: train
+is the last epoch's mean, val the best epoch's. Test bpd is the ELBO in bits/dim (eval.json when
+present, else the end-of-training test pass); IWAE bpd and active units come from eval.json.</p>
+{_errors_html(rows)}<h2>The 2018 study, Table 1</h2>
+{_study_html()}
+<p class="note">{html.escape(STUDY_NOTE)}</p>
+<h2>Loss curves</h2>
+{img("curves", "train and val loss per epoch")}
+<h2>Loss against depth</h2>
+{img("loss_vs_depth", "final train and val loss against depth")}
+<h2>Degradation</h2>
+<p class="note">He et al. 2016 found deeper plain nets train to a higher training loss than
+shallower ones, and residual nets do not. Here: the final training loss of each run.</p>
+{img("degradation", "residual vs plain training loss against depth")}
+<h2>Samples</h2>
+{_samples_html(rows, run_dirs)}
+</body></html>
+"""
+    atomic_write(out_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return out_path
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+def report(sweep_dir: str | Path, html_out: str | Path | None = None) -> dict[str, Path]:
+    """The whole report of a sweep: results.csv/md and figures in `sweep_dir`, and the HTML page
+    at `html_out` if given. Returns their paths by name: csv, md, the FIGURES[, html]."""
+    run_dirs, entries = find_runs(sweep_dir)
+    rows = collect(run_dirs, entries)
+    paths = write_results(sweep_dir, rows)
+    paths.update(make_figures(rows, run_dirs, sweep_dir))
+    if html_out is not None:
+        paths["html"] = write_html(sweep_dir, html_out, rows, figures=paths)
+    return paths
+
+
+def compare(run_dirs) -> str:
+    """The results table (Markdown) for any run directories, e.g. runs from different sweeps."""
+    if not run_dirs:
+        raise ValueError("compare needs at least one run directory")
+    return format_table(collect(run_dirs))
+
+
+__all__ = ["STUDY_TABLE1", "COLUMNS", "FIGURES", "collect", "format_table", "write_results",
+           "make_figures", "write_html", "report", "compare", "find_runs", "latest_samples",
+           "plot_curves", "plot_loss_vs_depth", "plot_degradation"]

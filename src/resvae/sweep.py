@@ -1,0 +1,282 @@
+"""Sweeps: the same VAE trained over a grid (depth x shortcut by default), everything else equal.
+
+    resvae sweep --depths 20,52,100,204 --shortcut identity,none --preset cpu --out runs/sweep
+    resvae sweep sweeps/cpu-depth.toml
+
+Each grid point is one run directory `SWEEP_DIR/<name>/`, trained by the same `train()` as
+`resvae train`. Fair by construction: same seed, same data order, same number of training
+images (max_epochs over the same data; early stopping is refused because it would stop runs at
+different points, and the per-run budget is a guard that the table reports when it bites).
+Rerunning the same sweep skips finished runs and resumes interrupted ones; a failing run is
+recorded with its error and the sweep goes on. `SWEEP_DIR/sweep.json` lists every run and its
+status; the report (results.csv/md, figures) is written at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, fields_flat, load_toml, resolve, to_dict
+from .runs import RunDir, is_finished, read_config, read_json, write_json
+
+SWEEP_FILE_KEYS = {"preset", "config", "out", "grid", "set", "budget_per_run", "iwae_k", "iwae_n"}
+
+
+@dataclass
+class SweepSpec:
+    """A grid over config keys, on top of a preset / config file / fixed overrides."""
+
+    grid: dict[str, list]  # key -> values; the runs are the product, in this order
+    preset: str | None = None
+    config: str | None = None
+    fixed: dict[str, object] = field(default_factory=dict)  # flags / [set] keys
+    budget_per_run: str = ""
+    iwae_k: int = 100  # 0 = no IWAE evaluation
+    iwae_n: int = 1000  # test images for the IWAE estimate (evenly spaced); 0 = all
+
+    def points(self) -> list[dict]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
+
+
+def run_name(point: Mapping) -> str:
+    """`depth020-identity`: sorts by depth, says the shortcut; other keys as key-value."""
+    parts = []
+    for key, value in point.items():
+        if key == "depth":
+            parts.append(f"depth{int(value):03d}" if int(value) < 1000 else f"depth{value}")
+        elif key == "shortcut":
+            parts.append(str(value))
+        else:
+            parts.append(f"{key}{value}")
+    return "-".join(parts)
+
+
+def load_sweep_file(path: str | Path) -> SweepSpec:
+    """A sweep kept as a file: top-level preset/config/budget_per_run/iwae_k/iwae_n, a [grid]
+    table of lists and a [set] table of fixed settings (any config keys)."""
+    d = load_toml(path)
+    unknown = sorted(set(d) - SWEEP_FILE_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; expected "
+                          f"{', '.join(sorted(SWEEP_FILE_KEYS))} (config keys go in [set])")
+    grid = d.get("grid") or {}
+    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: [grid] must map config keys to non-empty lists, got {grid!r}")
+    return SweepSpec(grid=grid, preset=d.get("preset"), config=d.get("config"),
+                     fixed=dict(d.get("set") or {}), budget_per_run=d.get("budget_per_run", ""),
+                     iwae_k=d.get("iwae_k", 100), iwae_n=d.get("iwae_n", 1000))
+
+
+def plan(spec: SweepSpec, environ: Mapping[str, str] | None = None) -> list[tuple[str, RunConfig]]:
+    """Resolve every run's config up front, so a bad grid fails before anything trains."""
+    flat = fields_flat()
+    for key in spec.grid:
+        if key not in flat:
+            raise ConfigError(f"sweep grid: unknown config key {key!r}")
+    runs = []
+    for point in spec.points():
+        overrides = dict(spec.fixed)
+        if spec.budget_per_run:
+            overrides["budget"] = spec.budget_per_run
+        # values from the command line are strings (parsed strictly), from TOML already typed
+        overrides.update(point)
+        cfg = resolve(preset=spec.preset, config_file=spec.config, environ=environ,
+                      overrides=overrides)
+        runs.append((run_name(point), cfg))
+    _check_fair(runs)
+    return runs
+
+
+def _check_fair(runs: list[tuple[str, RunConfig]]) -> None:
+    if any(cfg.train.patience > 0 for _, cfg in runs):
+        raise ConfigError("sweep: early stopping (--patience) would stop runs after different "
+                          "numbers of images; a sweep compares equal images: set --patience 0 "
+                          "and choose --max-epochs")
+    if any(cfg.train.max_epochs == RunConfig().train.max_epochs for _, cfg in runs):
+        raise ConfigError("sweep: set --max-epochs (every run trains that many epochs over the "
+                          "same data); the default of 1000 is the study's open-ended setting")
+    names = [n for n, _ in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep: grid points with the same name: {names}")
+
+
+def _write_status(sweep_dir: Path, spec: SweepSpec, entries: list[dict]) -> None:
+    write_json(sweep_dir / "sweep.json", {
+        "grid": spec.grid, "preset": spec.preset, "config": spec.config, "set": spec.fixed,
+        "budget_per_run": spec.budget_per_run, "iwae_k": spec.iwae_k, "iwae_n": spec.iwae_n,
+        "runs": entries})
+
+
+def _entry(name: str, cfg: RunConfig, point: Mapping) -> dict:
+    return {"name": name, "dir": name, **{k: v for k, v in point.items()},
+            "depth": cfg.model.depth, "shortcut": cfg.model.shortcut, "status": "pending",
+            "error": None}
+
+
+def _same_model(run: RunDir, cfg: RunConfig) -> None:
+    saved = read_config(run.root)
+    if saved.model != cfg.model or saved.data != cfg.data:
+        raise ConfigError(f"{run.root}: holds a run of another model or data config than this "
+                          "sweep asks for; use another --out or remove it")
+
+
+def run_one(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec, *, data_cache: dict,
+            progress: bool | None = None) -> str:
+    """Train (or resume, or skip) one run in this process, then evaluate it; returns what
+    happened: 'trained', 'resumed' or 'skipped'."""
+    from . import distributed as D
+    from .evaluate import eval_run
+    from .train import _load, train  # the loader honours the data config like `resvae train`
+
+    run = RunDir(sweep_dir / name)
+    key = json.dumps([to_dict(cfg)["data"], cfg.train.seed])  # runs share decoded data
+    if key not in data_cache:
+        data_cache[key] = _load(cfg, D.Runtime(D.resolve_device("cpu")))
+    data = data_cache[key]
+    if is_finished(run.root):
+        _same_model(run, cfg)
+        what = "skipped"
+    else:
+        resume = run.checkpoint("last").exists()
+        if resume:
+            _same_model(run, cfg)
+        train(cfg, run.root, data=data, resume=resume, progress=progress,
+              argv=["resvae", "sweep", "(run)", name])
+        what = "resumed" if resume else "trained"
+    if spec.iwae_k > 0 and (what != "skipped" or not run.eval.exists()):
+        eval_run(run.root, k=spec.iwae_k, n=spec.iwae_n, data=data, device=_device(cfg))
+    return what
+
+
+def _device(cfg: RunConfig) -> str:
+    from . import distributed as D
+    return str(D.resolve_device(cfg.train.device))
+
+
+def sweep(spec: SweepSpec, sweep_dir: str | Path, *, environ: Mapping[str, str] | None = None,
+          gpus: list[str] | None = None, progress: bool | None = None,
+          log=print) -> list[dict]:
+    """Run every grid point (skipping finished ones), then write the report; return the entries.
+
+    `gpus`: with several, one run per GPU at a time, each in a `resvae train` subprocess that
+    sees only its GPU (CUDA_VISIBLE_DEVICES). Default: every visible GPU when there are several,
+    else one run after another in this process.
+    """
+    sweep_dir = Path(sweep_dir)
+    runs = plan(spec, environ)
+    if gpus is None:
+        gpus = _visible_gpus()
+    points = spec.points()
+    entries = [_entry(name, cfg, point) for (name, cfg), point in zip(runs, points)]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_status(sweep_dir, spec, entries)
+    log(f"resvae sweep: {len(runs)} runs into {sweep_dir}"
+        + (f", {len(gpus)} GPUs in parallel" if len(gpus) > 1 else ""))
+    if len(gpus) > 1:
+        _parallel(runs, entries, sweep_dir, spec, gpus, log)
+    else:
+        cache: dict = {}
+        for i, ((name, cfg), entry) in enumerate(zip(runs, entries), 1):
+            t0 = time.monotonic()
+            log(f"resvae sweep: [{i}/{len(runs)}] {name}")
+            try:
+                what = run_one(name, cfg, sweep_dir, spec, data_cache=cache, progress=progress)
+                entry.update(status="done", error=None, action=what)
+            except KeyboardInterrupt:
+                entry.update(status="interrupted")
+                _write_status(sweep_dir, spec, entries)
+                raise
+            except Exception as e:  # a failing run is reported, and the sweep goes on
+                entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+                log(f"resvae sweep: {name} failed: {entry['error']}")
+                (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+                (sweep_dir / name / "error.txt").write_text(traceback.format_exc())
+            entry["sweep_seconds"] = time.monotonic() - t0
+            _write_status(sweep_dir, spec, entries)
+    from .report import report
+    report(sweep_dir)
+    failed = [e["name"] for e in entries if e["status"] != "done"]
+    log(f"resvae sweep: done, {len(entries) - len(failed)}/{len(entries)} runs ok"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+        + f"; results in {sweep_dir / 'results.md'}")
+    return entries
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _subprocess_commands(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec) -> list:
+    run = RunDir(sweep_dir / name)
+    planned = sweep_dir / f".{name}.config.json"
+    write_json(planned, to_dict(cfg))
+    exe = [sys.executable, "-m", "resvae"]
+    cmds = []
+    if is_finished(run.root):
+        _same_model(run, cfg)
+    elif run.checkpoint("last").exists():
+        _same_model(run, cfg)
+        cmds.append(exe + ["train", "--resume", str(run.root)])
+    else:
+        cmds.append(exe + ["train", "--config", str(planned), "--out", str(run.root)])
+    if spec.iwae_k > 0:
+        cmds.append(exe + ["eval", str(run.root), "--k", str(spec.iwae_k), "--n",
+                           str(spec.iwae_n)])
+    return cmds
+
+
+def _parallel(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], log) -> None:
+    """One run per GPU at a time; each run is `resvae train` then `resvae eval` in a child that
+    sees only its GPU. Its output goes to RUN_DIR/../<name>.log."""
+    queue = list(zip(runs, entries))
+    active: dict[str, tuple] = {}  # gpu -> (entry, remaining commands, process, log file)
+    while queue or active:
+        for gpu in [g for g in gpus if g not in active]:
+            if not queue:
+                break
+            (name, cfg), entry = queue.pop(0)
+            try:
+                cmds = _subprocess_commands(name, cfg, sweep_dir, spec)
+            except Exception as e:
+                entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+                continue
+            logf = open(sweep_dir / f"{name}.log", "a")
+            log(f"resvae sweep: {name} on GPU {gpu}")
+            active[gpu] = [entry, cmds, None, logf]
+        for gpu, slot in list(active.items()):
+            entry, cmds, proc, logf = slot
+            if proc is not None and proc.poll() is None:
+                continue
+            if proc is not None and proc.returncode != 0:
+                entry.update(status="failed", error=f"exit status {proc.returncode}; see "
+                             f"{logf.name}")
+                cmds.clear()
+            if not cmds:
+                if entry["status"] == "pending":
+                    entry.update(status="done", error=None)
+                logf.close()
+                del active[gpu]
+                _write_status(sweep_dir, spec, entries)
+                continue
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            slot[2] = subprocess.Popen(cmds.pop(0), stdout=logf, stderr=subprocess.STDOUT, env=env)
+        time.sleep(0.5)
+    _write_status(sweep_dir, spec, entries)
+
+
+def read_sweep(sweep_dir: str | Path) -> dict:
+    return read_json(Path(sweep_dir) / "sweep.json")
+
+
+__all__ = ["SweepSpec", "load_sweep_file", "plan", "sweep", "run_name", "read_sweep"]

@@ -1,0 +1,269 @@
+"""Tests for resvae.report: the results table (CSV, Markdown), the figures and the HTML page,
+over a small real sweep: four 2-epoch runs of the tiny preset (depths 20 and 24, plain and
+residual), one hand-written eval.json, and one failed run that left no directory behind.
+"""
+
+import base64
+import contextlib
+import csv
+import io
+import json
+import os
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from conftest import small_load
+from PIL import Image
+
+import resvae.train as T
+from resvae import report as R
+from resvae.config import resolve
+
+RUNS = [(20, "none"), (20, "identity"), (24, "none"), (24, "identity")]
+FAILED = {"name": "d24-projection", "depth": 24, "shortcut": "projection", "status": "failed",
+          "error": "RuntimeError: out of memory | <script>alert(1)</script>\nTraceback ...",
+          "dir": "d24-projection"}
+EVAL = {"split": "test", "k": 8, "n_images": 64, "elbo_nats": 19000.0, "elbo_nats_se": 12.0,
+        "elbo_bpd": 8.925, "elbo_bpd_se": 0.006, "iwae_nats": 18990.0, "iwae_nats_se": 12.0,
+        "iwae_bpd": 8.9204, "iwae_bpd_se": 0.006, "active_units": 3, "latent_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A sweep dir trained once for the module (small_runs is per test; its setup is repeated
+    here: a private data cache, no RESVAE_* variables, 64-image val/test splits)."""
+    root = tmp_path_factory.mktemp("sweep")
+    # One thread: conftest's OMP_NUM_THREADS comes after torch's import, too late to count, and
+    # two threads on two shared cores run these runs several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as undo:
+        undo.callback(torch.set_num_threads, threads)
+        mp.setenv("RESVAE_DATA", str(tmp_path_factory.mktemp("cache")))
+        for var in [v for v in os.environ if v.startswith("RESVAE_") and v != "RESVAE_DATA"]:
+            mp.delenv(var)
+        mp.setattr(T, "load_dataset", small_load)
+        entries = []
+        for depth, shortcut in RUNS:
+            name = f"d{depth}-{shortcut}"
+            cfg = resolve(preset="tiny", environ={}, overrides={
+                "max_epochs": 2, "subset": 64, "depth": depth, "shortcut": shortcut})
+            T.train(cfg, root / name, progress=False)
+            entries.append({"name": name, "depth": depth, "shortcut": shortcut,
+                            "status": "done", "error": None, "dir": name})
+    (root / "d20-identity" / "eval.json").write_text(json.dumps(EVAL))
+    # a run from before summary.json had the model's size and cost: those cells stay empty
+    summary_path = root / "d24-none" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    for key in ("layers", "params", "flops_per_image", "images_seen"):
+        del summary[key]
+    summary_path.write_text(json.dumps(summary))
+    entries.insert(2, FAILED)
+    (root / "sweep.json").write_text(json.dumps({"runs": entries, "study": False}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(sweep):
+    return R.report(sweep, html_out=sweep / "report.html")
+
+
+def summary_of(sweep, name):
+    return json.loads((sweep / name / "summary.json").read_text())
+
+
+# --------------------------------------------------------------------------------- the table
+
+def test_collect_rows_follow_sweep_json_and_read_each_file(sweep):
+    dirs, entries = R.find_runs(sweep)
+    rows = R.collect(dirs, entries)
+    assert [r["name"] for r in rows] == ["d20-none", "d20-identity", "d24-projection",
+                                         "d24-none", "d24-identity"]
+    assert all(list(r) == R.COLUMNS for r in rows)
+    by = {r["name"]: r for r in rows}
+    # eval.json's ELBO wins over the summary's test pass; the other runs use the summary's
+    assert by["d20-identity"]["test_bpd"] == EVAL["elbo_bpd"]
+    assert by["d20-identity"]["test_iwae_bpd"] == EVAL["iwae_bpd"]
+    assert by["d20-identity"]["active_units"] == 3
+    s = summary_of(sweep, "d20-none")
+    assert by["d20-none"]["test_bpd"] == s["test_bpd"]
+    assert by["d20-none"]["test_iwae_bpd"] is None
+    assert by["d20-none"]["val_loss"] == s["best_val_loss"]
+    assert by["d20-none"]["train_loss"] == s["final_train_loss"]
+    assert by["d20-none"]["train_time_s"] == s["training_seconds"]
+    assert (by["d24-none"]["depth"], by["d24-none"]["shortcut"]) == (24, "none")
+    s = summary_of(sweep, "d24-identity")
+    assert by["d24-identity"]["params"] == s["params"] > 0
+    assert by["d24-identity"]["gflops"] == s["flops_per_image"] / 1e9
+    assert (by["d24-identity"]["layers"], by["d24-identity"]["images_seen"]) == (24, 2 * 64)
+    assert by["d24-none"]["params"] is None  # not in that summary: unknown, not 0
+    failed = by["d24-projection"]
+    assert failed["status"] == "failed" and failed["error"] == FAILED["error"]
+    assert (failed["depth"], failed["shortcut"]) == (24, "projection")
+    assert all(failed[c] is None for c in R.COLUMNS
+               if c not in ("name", "depth", "shortcut", "status", "error"))
+
+
+def test_results_csv_has_every_run_with_full_values(sweep, built):
+    with open(built["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["d20-none", "d20-identity", "d24-projection",
+                                         "d24-none", "d24-identity"]
+    by = {r["name"]: r for r in rows}
+    assert by["d24-projection"]["error"] == FAILED["error"]  # whole text, newline and all
+    assert by["d24-projection"]["val_loss"] == "" and by["d24-projection"]["status"] == "failed"
+    assert float(by["d20-none"]["val_loss"]) == summary_of(sweep, "d20-none")["best_val_loss"]
+
+
+def markdown_rows(text):
+    """The body rows of the first Markdown table in `text`, split into cells."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    table = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        table.append(ln)
+    assert set(table[1]) <= set("|-: ")  # the header separator
+    # split on unescaped pipes only
+    return [[c.strip() for c in ln.replace("\\|", "\0").strip("|").split("|")] for ln in table[2:]]
+
+
+def test_results_md_is_a_formatted_markdown_table(sweep, built):
+    text = built["md"].read_text()
+    rows = markdown_rows(text)
+    assert len(rows) == 5 and all(len(r) == len(R.COLUMNS) for r in rows)
+    by = {r[0]: dict(zip(R.COLUMNS, r)) for r in rows}
+    params = summary_of(sweep, "d24-identity")["params"]
+    assert params >= 1000 and by["d24-identity"]["params"] == f"{params:,}"  # 12,345
+    assert by["d24-none"]["params"] == "" and by["d24-none"]["gflops"] == ""
+    s = summary_of(sweep, "d20-none")
+    assert by["d20-none"]["val_loss"] == f"{s['best_val_loss']:.1f}"
+    assert by["d20-none"]["test_bpd"] == f"{s['test_bpd']:.3f}"
+    assert by["d20-identity"]["test_bpd"] == "8.925"
+    # a pipe in the error is escaped (the row keeps its cell count); only the first line is shown
+    failed = by["d24-projection"]["error"]
+    assert failed == "RuntimeError: out of memory \0 <script>alert(1)</script>"
+    assert R.format_table(R.collect(*R.find_runs(sweep))) in text
+    assert "| 100 | 164.7 h | 1782.3 | 1804.0 |" in text  # the study's Table 1 below it
+
+
+@pytest.mark.parametrize("seconds, text", [(3.14, "3.1s"), (42.4, "42s"), (252, "4m12s"),
+                                           (3599.6, "1h00m"), (11100, "3h05m")])
+def test_format_time(seconds, text):
+    assert R.format_time(seconds) == text
+
+
+def test_study_table1_is_the_paper_numbers():
+    assert [r["depth"] for r in R.STUDY_TABLE1] == [28, 40, 70, 100]
+    assert R.STUDY_TABLE1[3] == {"depth": 100, "train_hours": 164.7, "train_loss": 1782.3,
+                                 "val_loss": 1804.0}
+    assert sum(r["train_hours"] for r in R.STUDY_TABLE1) == pytest.approx(385.8)
+
+
+# ------------------------------------------------------------------------------ the figures
+
+def test_figures_are_pngs(built):
+    for name in R.FIGURES:
+        assert built[name].name == f"{name}.png"
+        with Image.open(built[name]) as im:
+            assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 400
+            im.verify()
+
+
+def test_degradation_draws_what_exists_with_one_kind_of_run(sweep):
+    rows = [r for r in R.collect(*R.find_runs(sweep)) if r["shortcut"] == "none"]
+    fig = R.plot_degradation(rows)
+    ax = fig.axes[0]
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [20, 24]
+    assert list(line.get_ydata()) == [r["train_loss"] for r in rows]
+    assert "no residual runs" in ax.get_title()
+
+
+# ------------------------------------------------------------------------------ the HTML page
+
+class PageParser(HTMLParser):
+    """Collects body rows per table class, every <img> src, and every attribute value."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.in_body = None, False
+        self.body_rows, self.imgs, self.captions, self.attrs = {}, [], [], []
+        self._caption = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.attrs += [v for v in attrs.values() if v]
+        if tag == "table":
+            self.table = attrs.get("class")
+        elif tag == "tbody":
+            self.in_body = True
+        elif tag == "tr" and self.in_body:
+            self.body_rows[self.table] = self.body_rows.get(self.table, 0) + 1
+        elif tag == "img":
+            self.imgs.append(attrs["src"])
+        elif tag == "figcaption":
+            self._caption = ""
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self.in_body = False
+        elif tag == "figcaption":
+            self.captions.append(self._caption)
+            self._caption = None
+
+    def handle_data(self, data):
+        if self._caption is not None:
+            self._caption += data
+
+
+def test_html_is_self_contained_with_every_run(built):
+    text = built["html"].read_text(encoding="utf-8")
+    page = PageParser()
+    page.feed(text)
+    page.close()
+    assert page.body_rows == {"results": 5, "study": 4}
+    assert "http://" not in text and "https://" not in text
+    assert not any(a.startswith(("//", "file:")) for a in page.attrs)
+    assert "<script>" not in text and "&lt;script&gt;" in text  # the error text is escaped
+    # 3 figures + the 4 finished runs' sample grids (the failed one has none)
+    assert len(page.imgs) == 7
+    for src in page.imgs:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        with Image.open(io.BytesIO(base64.b64decode(src[len(prefix):], validate=True))) as im:
+            assert im.format == "PNG"
+            im.verify()
+    assert sorted(page.captions) == sorted(f"depth {d}, shortcut {s}d{d}-{s}, epoch 2"
+                                           for d, s in RUNS)  # (caption<br><small>detail)
+
+
+# ------------------------------------------------------------------------ other entry points
+
+def test_without_sweep_json_every_run_dir_is_a_run(sweep, tmp_path):
+    for name in ("d24-none", "d20-identity"):
+        (tmp_path / name).symlink_to(sweep / name)
+    (tmp_path / "not-a-run").mkdir()  # no config.json
+    paths = R.report(tmp_path)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["name"], r["status"]) for r in rows] == [("d20-identity", "done"),
+                                                        ("d24-none", "done")]
+    assert "html" not in paths and all(paths[n].exists() for n in R.FIGURES)
+
+
+def test_compare_prints_the_table_for_any_run_dirs(sweep):
+    text = R.compare([sweep / "d24-identity", sweep / "d20-none"])
+    assert [r[0] for r in markdown_rows(text)] == ["d24-identity", "d20-none"]
+
+
+def test_missing_or_empty_sweep_dir_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match="nowhere"):
+        R.report(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty.*holds no runs"):
+        R.report(tmp_path / "empty")
+    with pytest.raises(ValueError, match="gone"):
+        R.compare([tmp_path / "gone"])
