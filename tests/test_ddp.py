@@ -98,12 +98,15 @@ def _worker(rank, port, out):
     V.VAE.reparameterize = staticmethod(_fixed_noise)
     rt = D.setup("cpu")
     assert rt.rank == rank and rt.world_size == WORLD and dist.is_initialized()
-    cfg = _cfg()
     mine = [x[rank * PER_RANK:(rank + 1) * PER_RANK] for x in _global_batches()]
     for sync in (True, False):
+        cfg = _cfg(sync_bn=sync)  # True is not the default: the setting must reach D.wrap
         torch.manual_seed(0)
         vae = T.build_from_config(cfg, (3, 32, 32))
-        model = D.wrap(vae, rt, sync_bn=sync)
+        model = D.wrap(vae, rt, sync_bn=cfg.train.sync_bn)
+        bns = [type(m).__name__ for m in model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        (out / f"hand_sync{int(sync)}_rank{rank}_norms.json").write_text(json.dumps(bns))
         state = _hand_loop(model, D.unwrap(model), mine, cfg.train, rt)
         torch.save(state, out / f"hand_sync{int(sync)}_rank{rank}.pt")
     dist.destroy_process_group()
@@ -207,11 +210,15 @@ def _max_diff(a, b):
 def test_sync_bn_matches_one_process_with_double_batch(ddp_out, reference):
     init = _cfg()
     for rank in range(WORLD):
+        # every BatchNorm (2d in the blocks, 1d in the decoder's dense layer) was synchronised
+        norms = json.loads((ddp_out / f"hand_sync1_rank{rank}_norms.json").read_text())
+        assert len(norms) > 20 and set(norms) == {"CPUSyncBatchNorm"}
+        plain = json.loads((ddp_out / f"hand_sync0_rank{rank}_norms.json").read_text())
+        assert len(plain) == len(norms) and "CPUSyncBatchNorm" not in plain
         got = _load(ddp_out / f"hand_sync1_rank{rank}.pt")
         assert got.keys() == reference.keys()
         for k, v in reference.items():
             torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {k}")
-    assert init.train.sync_bn is False  # the config default is untouched by the test
     # and training moved the weights well beyond the tolerance
     import resvae.train as T
 
@@ -226,6 +233,7 @@ def test_without_sync_bn_ranks_differ_from_one_process(ddp_out, reference):
     assert _max_diff(_split(got)[0], _split(reference)[0]) > 1e-5
 
 
+@pytest.mark.slow  # 8-17 s on 2 shared cores: two fresh interpreters importing torch, then a run
 def test_torchrun_launch_end_to_end(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "RESVAE_DATA": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

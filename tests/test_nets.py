@@ -102,9 +102,20 @@ def test_plain_mode_has_same_layers_and_no_shortcuts():
 
 
 def test_decoder_is_the_generator_not_a_copy():
-    vae = build_vae(arch="resnet", depth=20, width=1 / 16, latent_dim=4, block="basic")
+    # The generator is vae.decoder itself: sample() runs it (not a copy made at build time), and
+    # its parameters are the VAE's, so training or loading the VAE is training/loading it.
+    vae = build_vae(arch="resnet", depth=20, width=1 / 16, latent_dim=4, block="basic").eval()
     gen = vae.decoder
-    assert gen is vae.decoder and any(m is gen for m in vae.modules())
+    calls = []
+    gen.register_forward_hook(lambda module, args, out: calls.append(out))
+    samples = vae.sample(3, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        gen.out.bias.add_(1.0)  # a change to the generator is a change to the VAE
-    assert torch.equal(vae.decoder.out.bias, gen.out.bias)
+        torch.testing.assert_close(samples, vae.likelihood.mean(gen(z)))
+    vae_params = {id(p) for p in vae.parameters()}
+    assert all(id(p) in vae_params for p in gen.parameters())
+    with torch.no_grad():
+        gen.out.bias.add_(1.0)  # a change to the generator is a change to the VAE's samples
+    assert not torch.equal(vae.sample(3, generator=torch.Generator().manual_seed(0)), samples)
+    assert torch.equal(vae.state_dict()["decoder.out.bias"], gen.out.bias)

@@ -87,7 +87,7 @@ def cmd_sweep(args) -> int:
     if args.file:
         spec = load_sweep_file(args.file)
         spec.fixed.update(fixed)  # flags win over the file's [set]
-        default_out = Path("runs") / f"sweep-{Path(args.file).stem}"
+        default_out = Path(spec.out or Path("runs") / f"sweep-{Path(args.file).stem}")
         if args.preset or args.config:
             raise ConfigError(f"{args.file} names its own preset/config; drop --preset/--config")
     else:

@@ -613,7 +613,8 @@ def iterate_batches(images: np.ndarray, batch_size: int, *, shuffle: bool, seed:
         yield torch.from_numpy(images[mine[i * batch_size:(i + 1) * batch_size]])
 
 
-def to_input(batch: torch.Tensor, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
+def to_input(batch: torch.Tensor, device: torch.device | str = "cpu",
+             channels_last: bool = False) -> torch.Tensor:
     """uint8 (B,C,H,W) -> float in [0,1] on the device (each likelihood dequantizes on its own)."""
     x = batch.to(device, non_blocking=True).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

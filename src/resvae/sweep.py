@@ -42,6 +42,7 @@ class SweepSpec:
     budget_per_run: str = ""
     iwae_k: int = 100  # 0 = no IWAE evaluation
     iwae_n: int = 1000  # test images for the IWAE estimate (evenly spaced); 0 = all
+    out: str = ""  # where a sweep file says its runs go ("" = the command decides)
 
     def points(self) -> list[dict]:
         keys = list(self.grid)
@@ -74,7 +75,8 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: [grid] must map config keys to non-empty lists, got {grid!r}")
     return SweepSpec(grid=grid, preset=d.get("preset"), config=d.get("config"),
                      fixed=dict(d.get("set") or {}), budget_per_run=d.get("budget_per_run", ""),
-                     iwae_k=d.get("iwae_k", 100), iwae_n=d.get("iwae_n", 1000))
+                     iwae_k=d.get("iwae_k", 100), iwae_n=d.get("iwae_n", 1000),
+                     out=d.get("out", ""))
 
 
 def plan(spec: SweepSpec, environ: Mapping[str, str] | None = None) -> list[tuple[str, RunConfig]]:
