@@ -1,0 +1,230 @@
+"""The study layer: sweeps, evaluation and generation of saved runs, BatchNorm train/eval parity.
+
+Tiny `resnet` VAEs on the procedural shapes data (the `small_runs` fixture shrinks its val/test
+splits to 64 images each).
+"""
+
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resvae.train as T
+from resvae import load_run
+from resvae.cli import main
+from resvae.config import resolve
+from resvae.data import to_input
+from resvae.runs import RunDir, read_summary
+from resvae.sweep import SweepSpec, load_sweep_file, sweep
+
+pytestmark = pytest.mark.usefixtures("small_runs")
+
+TINY = {"subset": 64, "max_epochs": 2, "sample_every": 0}
+
+
+def _spec(**kw):
+    return SweepSpec(grid={"depth": [20, 24], "shortcut": ["identity", "none"]}, preset="tiny",
+                     fixed=dict(TINY), iwae_k=4, iwae_n=8, **kw)
+
+
+@pytest.fixture
+def counted_train(monkeypatch):
+    """Count the runs that really train (the sweep calls train.train)."""
+    calls = []
+    real = T.train
+
+    def counting(cfg, out, **kw):
+        calls.append((str(out), kw.get("resume")))
+        return real(cfg, out, **kw)
+    monkeypatch.setattr(T, "train", counting)
+    return calls
+
+
+def test_sweep_2x2_writes_results_figures_report_and_rerun_trains_nothing(tmp_path, counted_train):
+    out = tmp_path / "sweep"
+    entries = sweep(_spec(), out, environ={}, gpus=[], log=lambda *a: None)
+    assert [e["status"] for e in entries] == ["done"] * 4
+    assert len(counted_train) == 4
+    names = ["depth020-identity", "depth020-none", "depth024-identity", "depth024-none"]
+    assert [e["name"] for e in entries] == names
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == names
+    for r in rows:
+        # equal images per run, by construction: 2 epochs of 64 images in batches of 32
+        assert r["images_seen"] == "128" and r["epochs"] == "2" and r["stop_reason"] == "max_epochs"
+        assert float(r["test_iwae_bpd"]) <= float(r["test_bpd"]) + 1e-6
+        assert int(r["active_units"]) >= 0
+    assert {r["layers"] for r in rows} == {"20", "24"}
+    md = (out / "results.md").read_text()
+    assert sum(line.startswith("| depth0") for line in md.splitlines()) == 4
+    for fig in ("curves", "loss_vs_depth", "degradation"):
+        Image.open(out / f"{fig}.png").verify()
+    # every run evaluated, with its own weights' summary
+    for n in names:
+        assert json.loads((out / n / "eval.json").read_text())["k"] == 4
+        assert read_summary(out / n)["params"] > 0
+
+    # The same sweep again: nothing trains, results are rewritten identically.
+    before = {n: (out / n / "checkpoints" / "last.pt").stat().st_mtime_ns for n in names}
+    sweep(_spec(), out, environ={}, gpus=[], log=lambda *a: None)
+    assert len(counted_train) == 4
+    assert {n: (out / n / "checkpoints" / "last.pt").stat().st_mtime_ns for n in names} == before
+
+    assert main(["report", str(out), "-o", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().count("data:image/png;base64,") >= 3 + 4
+
+
+def test_sweep_resumes_an_interrupted_run(tmp_path, counted_train):
+    out = tmp_path / "sweep"
+    spec = SweepSpec(grid={"depth": [20]}, preset="tiny", fixed=dict(TINY), iwae_k=0)
+    # an interrupted run: one epoch done, no summary of a finished run
+    cfg = resolve(preset="tiny", environ={}, overrides={**TINY, "depth": 20, "max_epochs": 1})
+    T.train(cfg, out / "depth020", progress=False)
+    (out / "depth020" / "summary.json").unlink()
+    counted_train.clear()
+    sweep(spec, out, environ={}, gpus=[], log=lambda *a: None)
+    assert counted_train == [(str(out / "depth020"), True)]
+    assert read_summary(out / "depth020")["epochs"] == 2
+
+
+def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
+    # depth 21 passes the config (a positive int) but no resnet has 21 layers: it fails when
+    # the model is built, after depth 20 trained and before depth 24 does
+    spec = SweepSpec(grid={"depth": [20, 21, 24]}, preset="tiny", fixed=dict(TINY), iwae_k=0)
+    out = tmp_path / "sweep"
+    entries = sweep(spec, out, environ={}, gpus=[], log=lambda *a: None)
+    assert [e["status"] for e in entries] == ["done", "failed", "done"]
+    assert "21" in entries[1]["error"] and "nearest" in entries[1]["error"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows] == ["done", "failed", "done"]
+    assert "21" in rows[1]["error"]
+    assert "failed" in (out / "results.md").read_text()
+    # the CLI says so with its exit status
+    assert main(["sweep", "--preset", "tiny", "--depths", "20,21", "--subset", "64",
+                 "--max-epochs", "1", "--iwae-k", "0", "--out", str(out)]) == 1
+
+
+def test_sweep_refuses_unequal_comparisons(tmp_path):
+    with pytest.raises(ValueError, match="patience"):
+        sweep(SweepSpec(grid={"depth": [20]}, preset="tiny", fixed={**TINY, "patience": 3}),
+              tmp_path, environ={}, gpus=[], log=lambda *a: None)
+    with pytest.raises(ValueError, match="max-epochs"):
+        sweep(SweepSpec(grid={"depth": [20]}, preset="cpu", fixed={"subset": 64}),
+              tmp_path, environ={}, gpus=[], log=lambda *a: None)
+    with pytest.raises(ValueError, match="unknown config key 'detph'"):
+        sweep(SweepSpec(grid={"detph": [20]}, preset="tiny", fixed=dict(TINY)),
+              tmp_path, environ={}, gpus=[], log=lambda *a: None)
+
+
+def test_sweep_file(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('preset = "tiny"\niwae_k = 3\n[grid]\ndepth = [20, 24]\nshortcut = ["none"]\n'
+                 '[set]\nsubset = 64\nmax_epochs = 1\n')
+    spec = load_sweep_file(f)
+    assert spec.grid == {"depth": [20, 24], "shortcut": ["none"]} and spec.iwae_k == 3
+    assert spec.fixed == {"subset": 64, "max_epochs": 1}
+    f.write_text('preset = "tiny"\nbudget = "1m"\n[grid]\ndepth = [20]\n')
+    with pytest.raises(ValueError, match=r"unknown sweep key.*budget.*\[set\]"):
+        load_sweep_file(f)
+
+
+@pytest.mark.slow
+def test_sweep_one_run_per_gpu_in_subprocesses(tmp_path, monkeypatch):
+    # The several-GPU path, exercised on CPU: two workers, each run a `resvae train` child.
+    monkeypatch.setenv("RESVAE_DEVICE", "cpu")
+    spec = SweepSpec(grid={"depth": [20, 24]}, preset="tiny",
+                     fixed={"subset": 64, "max_epochs": 1, "sample_every": 0}, iwae_k=2, iwae_n=4)
+    entries = sweep(spec, tmp_path, environ={}, gpus=["0", "1"], log=lambda *a: None)
+    assert [e["status"] for e in entries] == ["done", "done"], entries
+    for n in ("depth020", "depth024"):
+        assert read_summary(tmp_path / n)["epochs"] == 1
+        assert (tmp_path / n / "eval.json").exists()
+
+
+# --- a saved run: eval, sample, reconstruct, interpolate ---------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained long enough for its BatchNorm statistics to settle (8 epochs)."""
+    import conftest
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = resolve(preset="tiny", environ={}, overrides={"subset": 256, "max_epochs": 8,
+                                                        "sample_every": 0})
+    data = conftest.small_load("shapes", subset=256)
+    T.train(cfg, out, data=data, progress=False)
+    return out
+
+
+def test_eval_iwae_is_no_looser_than_the_elbo(trained, capsys):
+    assert main(["eval", str(trained), "--k", "64", "--n", "16", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r == json.loads((trained / "eval.json").read_text())
+    assert r["n_images"] == 16 and r["k"] == 64
+    assert r["iwae_bpd"] <= r["elbo_bpd"]
+    assert r["elbo_nats_se"] > 0 and r["iwae_nats_se"] > 0
+    assert r["elbo_bpd"] == pytest.approx(r["elbo_nats"] / (3072 * np.log(2)))
+    assert 0 <= r["active_units"] <= r["latent_dim"] == 8
+
+
+def test_sample_reconstruct_interpolate_write_grids_of_the_right_size(trained, tmp_path):
+    cell = 32 + 1  # 32x32 images with 1-pixel gutters
+    assert main(["sample", str(trained), "-n", "20", "-o", str(tmp_path / "s.png"),
+                 "--temperature", "0.8"]) == 0
+    assert Image.open(tmp_path / "s.png").size == (10 * cell + 1, 2 * cell + 1)
+    assert main(["reconstruct", str(trained), "-n", "20", "-o", str(tmp_path / "r.png")]) == 0
+    assert Image.open(tmp_path / "r.png").size == (10 * cell + 1, 4 * cell + 1)  # 2 pairs of rows
+    assert main(["interpolate", str(trained), "--pairs", "3", "--steps", "7",
+                 "-o", str(tmp_path / "i.png")]) == 0
+    assert Image.open(tmp_path / "i.png").size == (7 * cell + 1, 3 * cell + 1)
+
+
+def test_samples_depend_on_seed_and_temperature_zero_is_the_mean_image(trained, tmp_path):
+    from resvae.generate import samples
+    vae, _ = load_run(trained)
+    a, b = samples(vae, 4, seed=1), samples(vae, 4, seed=2)
+    assert not torch.equal(a, b) and torch.equal(a, samples(vae, 4, seed=1))
+    z0 = samples(vae, 2, temperature=0.0)
+    assert torch.equal(z0[0], z0[1])  # z = 0 for every image
+
+
+def test_safetensors_alone_loads_the_same_model(trained, tmp_path):
+    import shutil
+    lone = tmp_path / "best.safetensors"
+    shutil.copy(RunDir(trained).safetensors, lone)  # no config.json, no .pt beside it
+    a, cfg_a = load_run(trained)
+    b, cfg_b = load_run(lone)
+    assert cfg_a == cfg_b
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert main(["sample", str(lone), "-n", "10", "-o", str(tmp_path / "s.png")]) == 0
+
+
+def test_loading_errors_name_the_file(trained, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    assert main(["sample", str(bad), "-o", str(tmp_path / "x.png")]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_batchnorm_eval_matches_train_mode_on_a_trained_model(trained):
+    # A known trap in VAE code: BatchNorm's running statistics drift from what the weights
+    # expect, and the eval-mode loss silently differs from the train-mode one. After training,
+    # the loss on one batch in eval mode (running statistics) must be close to train mode (that
+    # batch's statistics), with the same noise.
+    vae, cfg = load_run(trained)
+    import conftest
+    x = to_input(torch.from_numpy(conftest.small_load("shapes", subset=256).train.images[:128]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        eval_loss = vae.eval()(x)["loss"].mean().item()
+    batch_stats = copy.deepcopy(vae).train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_loss = batch_stats(x)["loss"].mean().item()
+    assert eval_loss == pytest.approx(train_loss, rel=0.01)
