@@ -267,3 +267,33 @@ def test_missing_or_empty_sweep_dir_names_the_path(tmp_path):
         R.report(tmp_path / "empty")
     with pytest.raises(ValueError, match="gone"):
         R.compare([tmp_path / "gone"])
+
+
+def _chromium():
+    import shutil
+    return os.environ.get("RESVAE_CHROMIUM") or shutil.which("chromium") \
+        or shutil.which("chromium-browser")
+
+
+def test_html_renders_in_a_real_browser(built, tmp_path):
+    # A parser can't tell whether a browser shows the page: render it in headless Chromium and
+    # check every embedded image decoded, then take the screenshot the README shows.
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="extra 'report' (playwright) not installed")
+    if not _chromium():
+        pytest.skip("no chromium executable (apt-get install chromium, or set RESVAE_CHROMIUM)")
+    html_path = built["html"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(html_path.resolve().as_uri(), wait_until="load")
+            sizes = page.eval_on_selector_all(
+                "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+            rows = page.eval_on_selector_all("table.results tbody tr", "rs => rs.length")
+        finally:
+            browser.close()
+    assert len(sizes) == 3 + len(RUNS) and all(ok and w > 0 and h > 0 for ok, w, h in sizes)
+    assert rows == len(RUNS) + 1  # and the failed run
+    png = R.screenshot(html_path, tmp_path / "shot.png", chromium=_chromium())
+    assert Image.open(png).size[0] == 1200

@@ -111,7 +111,12 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from .report import report
 
+    if args.screenshot and not args.o:
+        raise ConfigError("--screenshot renders the HTML page: give -o report.html too")
     paths = report(args.sweep_dir, html_out=args.o)
+    if args.screenshot:
+        from .report import screenshot
+        paths["screenshot"] = screenshot(args.o, args.screenshot, args.chromium)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -241,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="results table, figures and an HTML page of a sweep")
     rp.add_argument("sweep_dir", metavar="SWEEP_DIR")
     rp.add_argument("-o", metavar="HTML", help="also write one self-contained HTML page")
+    rp.add_argument("--screenshot", metavar="PNG",
+                    help="also render the page in headless Chromium to a PNG (extra: report)")
+    rp.add_argument("--chromium", help="Chromium executable (default $RESVAE_CHROMIUM or PATH)")
     rp.set_defaults(func=cmd_report)
 
     cp = sub.add_parser("compare", help="the results table for any run directories")

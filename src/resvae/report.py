@@ -15,6 +15,8 @@ import datetime
 import html
 import io
 import math
+import os
+import shutil
 from pathlib import Path
 
 from . import runs
@@ -441,6 +443,41 @@ def report(sweep_dir: str | Path, html_out: str | Path | None = None) -> dict[st
     if html_out is not None:
         paths["html"] = write_html(sweep_dir, html_out, rows, figures=paths)
     return paths
+
+
+def screenshot(html_path: str | Path, png_path: str | Path, chromium: str | None = None,
+               width: int = 1200) -> Path:
+    """A full-page PNG of an HTML page, rendered by a real headless Chromium.
+
+    Drives the system's browser (Debian: `apt-get install chromium`) through the playwright
+    package (extra `report`), not playwright's own browser download, which needs network access.
+    `chromium`: its executable (default $RESVAE_CHROMIUM, else the first of chromium and
+    chromium-browser on PATH).
+    """
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise ValueError("--screenshot needs the playwright package: pip install "
+                         "'resvae[report]'") from None
+    exe = chromium or os.environ.get("RESVAE_CHROMIUM") or shutil.which("chromium") \
+        or shutil.which("chromium-browser")
+    if not exe or not Path(exe).exists():
+        raise ValueError(f"--screenshot: no Chromium executable found ({exe or 'none on PATH'}); "
+                         "install one (apt-get install chromium) or set RESVAE_CHROMIUM")
+    html_path, png_path = Path(html_path).resolve(), Path(png_path)
+    if not html_path.is_file():
+        raise ValueError(f"{html_path}: no such HTML file")
+    with sync_playwright() as p:
+        # --no-sandbox: Chromium's sandbox refuses to start as root (containers, CI)
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            page.goto(html_path.as_uri(), wait_until="load")
+            png = page.screenshot(full_page=True)  # bytes
+        finally:
+            browser.close()
+    atomic_write(png_path, lambda t: t.write_bytes(png))
+    return png_path
 
 
 def compare(run_dirs) -> str:
