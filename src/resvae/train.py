@@ -10,6 +10,7 @@ images are `generate.py`'s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import platform
@@ -274,6 +275,7 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         state.restore(load_checkpoint(run.checkpoint("last"), map_location=rt.device), cfg, s.log)
         if run.checkpoint("best").exists():
             s.best_weights = load_checkpoint(run.checkpoint("best"))["model"]
+    git_commit()  # now, not when the run ends (see there)
     if rt.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         save_json(cfg, run.config)
@@ -446,9 +448,11 @@ def _device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+@functools.cache
 def git_commit() -> str | None:
     """The commit of resvae's own source, with '+dirty' for uncommitted changes; None when it is
-    not a git checkout (an installed wheel)."""
+    not a git checkout (an installed wheel). Cached: read when the first run of a process starts,
+    which is the code that process imported, even if the checkout moves on during a long sweep."""
     src = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
