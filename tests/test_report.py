@@ -172,6 +172,19 @@ def test_figures_are_pngs(built):
             im.verify()
 
 
+def test_samples_figure_has_one_titled_grid_per_finished_run(built, sweep):
+    with Image.open(built["samples"]) as im:
+        im.verify()
+    fig = R.plot_samples(*_rows_and_dirs(sweep))
+    titles = sorted(ax.get_title() for ax in fig.axes if ax.images)
+    assert titles == sorted(f"depth {d} {s}" for d, s in RUNS)  # the failed run has no grid
+
+
+def _rows_and_dirs(sweep):
+    dirs, entries = R.find_runs(sweep)
+    return R.collect(dirs, entries), dirs
+
+
 def test_degradation_draws_what_exists_with_one_kind_of_run(sweep):
     rows = [r for r in R.collect(*R.find_runs(sweep)) if r["shortcut"] == "none"]
     fig = R.plot_degradation(rows)

@@ -37,7 +37,8 @@ STUDY_NOTE = ("The 2018 study, Table 1: one GTX 1070; loss = 3072 x BCE + KL in 
 COLUMNS = ["name", "depth", "shortcut", "layers", "params", "gflops", "train_time_s", "images_seen",
            "epochs", "stop_reason", "best_epoch", "train_loss", "val_loss", "test_bpd",
            "test_iwae_bpd", "active_units", "status", "error"]
-FIGURES = ["curves", "loss_vs_depth", "degradation"]
+FIGURES = ["curves", "loss_vs_depth", "degradation"]  # the HTML page embeds these...
+# ...and shows each run's own grid; `samples.png` puts the runs' grids on one labelled figure
 
 
 # --- reading run directories (read-only; runs.py knows the layout) ---------------------------
@@ -287,14 +288,38 @@ def plot_degradation(rows: list[dict]):
     return fig
 
 
+def plot_samples(rows: list[dict], run_dirs):
+    """Each run's newest sample grid, titled with its depth and shortcut, one row per shortcut."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    grids = [(r, latest_samples(d)) for r, d in zip(rows, run_dirs) if r["status"] == "done"]
+    grids = [(r, g) for r, g in grids if g is not None]
+    shortcuts = sorted({r["shortcut"] for r, _ in grids}) or [None]
+    depths = sorted({r["depth"] for r, _ in grids}) or [None]
+    fig = Figure(figsize=(2.6 * len(depths), 2.8 * len(shortcuts)), layout="constrained")
+    axes = fig.subplots(len(shortcuts), len(depths), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, path in grids:
+        ax = axes[shortcuts.index(r["shortcut"]), depths.index(r["depth"])]
+        with Image.open(path) as im:
+            ax.imshow(im.convert("RGB"), interpolation="nearest")
+        ax.set_title(_label(r), fontsize=10)
+    if not grids:
+        fig.suptitle("no sample grids yet")
+    return fig
+
+
 def _figures(rows: list[dict], run_dirs) -> dict:
     metrics = [runs.read_metrics(d) for d in run_dirs]
     return {"curves": plot_curves(rows, metrics), "loss_vs_depth": plot_loss_vs_depth(rows),
-            "degradation": plot_degradation(rows)}
+            "degradation": plot_degradation(rows), "samples": plot_samples(rows, run_dirs)}
 
 
 def make_figures(rows: list[dict], run_dirs, out_dir: str | Path) -> dict[str, Path]:
-    """curves.png, loss_vs_depth.png, degradation.png in `out_dir`; returns {name: path}."""
+    """curves.png, loss_vs_depth.png, degradation.png, samples.png in `out_dir`; returns
+    {name: path}."""
     paths = {}
     for name, fig in _figures(rows, run_dirs).items():
         paths[name] = Path(out_dir) / f"{name}.png"
@@ -489,4 +514,4 @@ def compare(run_dirs) -> str:
 
 __all__ = ["STUDY_TABLE1", "COLUMNS", "FIGURES", "collect", "format_table", "write_results",
            "make_figures", "write_html", "report", "compare", "find_runs", "latest_samples",
-           "plot_curves", "plot_loss_vs_depth", "plot_degradation"]
+           "plot_curves", "plot_loss_vs_depth", "plot_degradation", "plot_samples"]
