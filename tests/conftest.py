@@ -40,9 +40,24 @@ def small_load(name, data_dir=None, *, subset=0, val_fraction=0.0, seed=0, **kw)
     return _CACHE[key]
 
 
+def small_data(cfg):
+    """The splits a run of `cfg` trains on, through small_load: pass as `train(cfg, out,
+    data=small_data(cfg))`."""
+    dc = cfg.data
+    return small_load(dc.dataset, dc.data_dir or None, subset=dc.subset,
+                      val_fraction=dc.val_fraction, seed=cfg.train.seed,
+                      image_size=dc.image_size, pad_to_32=dc.pad_to_32)
+
+
+def train_small(cfg, out, **kw):
+    """resvae.train.train on small_data(cfg), without a progress bar."""
+    return T.train(cfg, out, data=small_data(cfg), progress=False, **kw)
+
+
 @pytest.fixture
 def small_runs(tmp_path, monkeypatch):
-    """A private data cache, no RESVAE_* variables from the caller, and small eval splits."""
+    """A private data cache, no RESVAE_* variables from the caller, and small eval splits for
+    the runs that go through the command line (direct `train()` calls pass `data=` instead)."""
     monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
     for var in list(os.environ):
         if var.startswith("RESVAE_") and var != "RESVAE_DATA":

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import train_small
 from PIL import Image
 
 import resvae.train as T
@@ -84,7 +85,7 @@ def test_sweep_resumes_an_interrupted_run(tmp_path, counted_train):
     spec = SweepSpec(grid={"depth": [20]}, preset="tiny", fixed=dict(TINY), iwae_k=0)
     # an interrupted run: one epoch done, no summary of a finished run
     cfg = resolve(preset="tiny", environ={}, overrides={**TINY, "depth": 20, "max_epochs": 1})
-    T.train(cfg, out / "depth020", progress=False)
+    train_small(cfg, out / "depth020")
     (out / "depth020" / "summary.json").unlink()
     counted_train.clear()
     sweep(spec, out, environ={}, gpus=[], log=lambda *a: None)

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import small_load
+from conftest import small_load, train_small
 from PIL import Image
 
 import resvae.generate as G
@@ -63,7 +63,7 @@ def test_early_stopping_counts_epochs_without_min_delta_gain():
 
 def test_early_stopping_end_to_end(tmp_path):
     cfg = cfg_for(lr=1e-12, patience=2, min_delta=1e9, max_epochs=10, sample_every=0)
-    s = T.train(cfg, tmp_path / "run", progress=False)
+    s = train_small(cfg, tmp_path / "run")
     assert s["stop_reason"] == "early_stopping"
     assert s["epochs"] == 3 and s["best_epoch"] == 1
     recs = read_metrics(tmp_path / "run")
@@ -118,7 +118,7 @@ def test_plateau_end_to_end_lr_column(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "evaluate", flat_evaluate)
     cfg = cfg_for(plateau_patience=2, plateau_factor=0.5, min_lr=4e-4, lr=1e-3, max_epochs=8,
                   sample_every=0)
-    s = T.train(cfg, tmp_path / "run", progress=False)
+    s = train_small(cfg, tmp_path / "run")
     assert s["stop_reason"] == "max_epochs" and s["epochs"] == 8
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run")]
     # the lr column is the lr each epoch trained with: bad epochs 2,3 -> halved from epoch 4 on;
@@ -204,7 +204,7 @@ def _nan_batches(monkeypatch):
 def test_non_finite_stops_run_and_cli_exit_code_3(tmp_path, monkeypatch, capsys):
     _nan_batches(monkeypatch)
     cfg = cfg_for(max_skips=3, max_epochs=10, sample_every=0)
-    s = T.train(cfg, tmp_path / "run", progress=False)
+    s = train_small(cfg, tmp_path / "run")
     # 2 batches per epoch: skips 1-2 in epoch 1, 3-4 in epoch 2; the 4th (> max_skips) stops
     assert s["stop_reason"] == "non_finite"
     assert s["epochs"] == 2 and s["steps"] == 4 and s["skipped_updates"] == 4
@@ -237,10 +237,10 @@ def _same_records(a, b):
 
 def test_resume_equals_uninterrupted(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    sa = T.train(cfg_for(max_epochs=3, batch_size=16), a, progress=False)
-    sb1 = T.train(cfg_for(max_epochs=1, batch_size=16), b, progress=False)
+    sa = train_small(cfg_for(max_epochs=3, batch_size=16), a)
+    sb1 = train_small(cfg_for(max_epochs=1, batch_size=16), b)
     assert sb1["epochs"] == 1 and len(read_metrics(b)) == 1
-    sb = T.train(cfg_for(max_epochs=3, batch_size=16), b, resume=True, progress=False)
+    sb = train_small(cfg_for(max_epochs=3, batch_size=16), b, resume=True)
     assert sa["epochs"] == sb["epochs"] == 3 and sa["steps"] == sb["steps"] == 12
     ra, rb = read_metrics(a), read_metrics(b)
     assert [r["epoch"] for r in rb] == [1, 2, 3]
@@ -256,11 +256,11 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
     run = tmp_path / "run"
-    T.train(cfg_for(max_epochs=1, sample_every=0), run, progress=False)
+    train_small(cfg_for(max_epochs=1, sample_every=0), run)
     good = (run / "metrics.jsonl").read_text()
     with open(run / "metrics.jsonl", "a") as f:  # a crash after logging epoch 2, before its ckpt
         f.write(json.dumps({"epoch": 2, "train_loss": 1.0}) + "\n")
-    T.train(cfg_for(max_epochs=2, sample_every=0), run, resume=True, progress=False)
+    train_small(cfg_for(max_epochs=2, sample_every=0), run, resume=True)
     recs = read_metrics(run)
     assert [r["epoch"] for r in recs] == [1, 2]
     assert (run / "metrics.jsonl").read_text().startswith(good)
@@ -351,7 +351,7 @@ def test_run_directory_contents(tmp_path):
 
     run = tmp_path / "run"
     cfg = cfg_for(max_epochs=2)
-    s = T.train(cfg, run, progress=False)
+    s = train_small(cfg, run)
     assert read_json(run / "config.json") == to_dict(cfg)
     recs = read_metrics(run)
     assert [r["epoch"] for r in recs] == [1, 2]
@@ -388,7 +388,7 @@ def test_run_directory_contents(tmp_path):
 def test_small_val_split_does_not_crash_image_grids(tmp_path):
     run = tmp_path / "run"
     cfg = cfg_for(val_fraction=0.25, batch_size=16)  # 48 train, 16 val images
-    s = T.train(cfg, run, progress=False)
+    s = train_small(cfg, run)
     assert s["stop_reason"] == "max_epochs"
     assert (run / "recon" / "epoch_0001.png").exists()
 
@@ -403,7 +403,7 @@ def test_save_grid_size(tmp_path):
 
 def test_budget_stops_the_run(tmp_path):
     cfg = cfg_for(budget="1s", subset=1024, max_epochs=5, sample_every=0)
-    s = T.train(cfg, tmp_path / "run", progress=False)
+    s = train_small(cfg, tmp_path / "run")
     assert s["stop_reason"] == "budget"
     assert s["epochs"] == 1 and 0 < s["steps"] < 1024 // 32  # stopped inside epoch 1
     recs = read_metrics(tmp_path / "run")
@@ -413,7 +413,7 @@ def test_budget_stops_the_run(tmp_path):
 
 def test_bf16_channels_last_one_epoch(tmp_path):
     cfg = cfg_for(precision="bf16", channels_last=True, sample_every=0)
-    s = T.train(cfg, tmp_path / "run", progress=False)
+    s = train_small(cfg, tmp_path / "run")
     assert s["stop_reason"] == "max_epochs" and s["skipped_updates"] == 0
     r = read_metrics(tmp_path / "run")[0]
     assert all(math.isfinite(r[k]) for k in ("train_loss", "val_loss", "rate", "distortion"))
@@ -437,7 +437,7 @@ def test_study_preset_trains_end_to_end(tmp_path):
         "width": 0.0625, "latent_dim": 8, "dataset": "shapes", "subset": 64, "batch_size": 16,
         "max_epochs": 1, "device": "cpu", "sample_every": 0})
     assert cfg.model.latent_l2 == [0.01, 0.1] and cfg.train.patience == 50
-    s = T.train(cfg, tmp_path / "study", progress=False)
+    s = train_small(cfg, tmp_path / "study")
     assert s["stop_reason"] == "max_epochs" and s["test_bpd"] is None  # BCE has no bits/dim
     rec = json.loads((tmp_path / "study" / "metrics.jsonl").read_text())
     assert rec["val_bpd"] is None and math.isfinite(rec["val_loss"])
