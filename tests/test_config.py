@@ -412,3 +412,24 @@ def test_setting_gives_each_instance_its_own_list():
     a, b = C.RunConfig(), C.RunConfig()
     a.model.latent_l2.append(1.0)
     assert b.model.latent_l2 == [0.0, 0.0] and C.ModelConfig().latent_l2 == [0.0, 0.0]
+
+
+# -- TOML writer ------------------------------------------------------------------------------
+
+def test_to_toml_round_trips_through_load_toml(tmp_path):
+    cfg = _resolve(preset="cpu", overrides={
+        "data_dir": 'a "quoted" \\path\\ with\ttab\nnewline \x7f \x01 é 日本',
+        "latent_l2": "0.01,0.1", "min_lr": "1e-300", "lr": "3.0000000000000004e-4",
+        "preact": "true", "budget": "1h30m"})
+    text = C.to_toml(cfg, header="line one\nline two")
+    assert text.startswith("# line one\n# line two\n\n[model]\n")
+    f = _toml(tmp_path, text)
+    assert C.load_toml(f) == C.to_dict(cfg)
+    assert _resolve(config_file=str(f)) == cfg
+    assert C.to_toml(_resolve(config_file=str(f))) == C.to_toml(cfg)
+
+
+def test_to_toml_writes_every_key_in_its_section():
+    d = C.tomllib.loads(C.to_toml(C.RunConfig()))
+    assert d == C.to_dict(C.RunConfig())
+    assert list(d) == ["model", "data", "train"]

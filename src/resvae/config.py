@@ -476,6 +476,33 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)  # repr round-trips
+    if isinstance(v, str):
+        # JSON's escapes are a subset of a TOML basic string's; TOML also bars a raw DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} ({type(v).__name__}) as TOML")
+
+
+def to_toml(cfg: RunConfig, header: str = "") -> str:
+    """The config as a TOML file of the three sections, every key written out; ``load_toml``
+    (and so ``--config``) reads it back to an equal RunConfig. ``header``: comment lines."""
+    lines = [f"# {h}".rstrip() for h in header.splitlines()]
+    for sec, values in to_dict(cfg).items():
+        lines += ([""] if lines else []) + [f"[{sec}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
 def from_dict(d: Mapping, source: str = "config dict") -> RunConfig:
     """Strictly rebuild a RunConfig (e.g. from a checkpoint's config.json); missing keys default."""
     norm = _normalize(d, source)
