@@ -43,8 +43,8 @@ def small_load(name, data_dir=None, *, subset=0, val_fraction=0.0, seed=0, **kw)
 @pytest.fixture
 def small_runs(tmp_path, monkeypatch):
     """A private data cache, no RESVAE_* variables from the caller, and small eval splits."""
-    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
     for var in list(os.environ):
-        if var.startswith("RESVAE_") and var != "RESVAE_DATA":
+        if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
             monkeypatch.delenv(var)
     monkeypatch.setattr(T, "load_dataset", small_load)
