@@ -61,12 +61,14 @@ def test_info_study_depths_json(capsys):
 def test_info_resnet_single_json_and_text(capsys):
     assert main(["info", "--arch", "resnet", "--depth", "20", "--block", "basic", "--width",
                  "0.0625", "--json"]) == 0
-    row = json.loads(capsys.readouterr().out)
-    assert isinstance(row, dict) and INFO_KEYS <= set(row)
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list) and len(rows) == 1  # the same shape for one depth as for four
+    row = rows[0]
+    assert INFO_KEYS <= set(row)
     assert row["depth"] == row["layers"] == 20 and row["arch"] == "resnet"
     # the tiny preset is this network (with its own latent/likelihood settings)
     assert main(["info", "--preset", "tiny", "--json"]) == 0
-    tiny = json.loads(capsys.readouterr().out)
+    [tiny] = json.loads(capsys.readouterr().out)
     assert tiny["arch"] == "resnet" and tiny["layers"] == 20
     assert main(["info", "--preset", "tiny"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -143,5 +145,5 @@ def test_console_script_runs():
                         "--json"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
-    row = json.loads(p.stdout)
+    [row] = json.loads(p.stdout)
     assert row["layers"] == 28 and row["arch"] == "study" and row["params"] > 0

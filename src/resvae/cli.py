@@ -44,8 +44,8 @@ def cmd_info(args) -> int:
     for depth in args.depth or [cfg.depth]:
         vae = build_vae(cfg, depth=depth, channels=args.channels, image_size=args.image_size)
         rows.append({"arch": cfg.arch, "depth": depth, **model_info(vae)})
-    if args.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    if args.json:  # always a list, one object per depth
+        print(json.dumps(rows, indent=2))
         return 0
     print(f"arch {cfg.arch}, width {cfg.width}, latent {cfg.latent_dim}, likelihood "
           f"{cfg.likelihood}, input {args.channels}x{args.image_size}x{args.image_size}")
@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", help="take the model settings from a preset")
     info.add_argument("--channels", type=int, default=3)
     info.add_argument("--image-size", type=int, default=32)
-    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--json", action="store_true",
+                      help="machine-readable output: a JSON list, one object per depth")
     _add_config_flags(info, [k for k in MODEL_KEYS if k != "depth"])
     info.set_defaults(func=cmd_info)
 
