@@ -58,8 +58,8 @@ def train_small(cfg, out, **kw):
 def small_runs(tmp_path, monkeypatch):
     """A private data cache, no RESVAE_* variables from the caller, and small eval splits for
     the runs that go through the command line (direct `train()` calls pass `data=` instead)."""
-    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
     for var in list(os.environ):
-        if var.startswith("RESVAE_") and var != "RESVAE_DATA":
+        if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
             monkeypatch.delenv(var)
     monkeypatch.setattr(T, "load_dataset", small_load)

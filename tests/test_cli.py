@@ -3,6 +3,7 @@ and the installed console script."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import resvae.cli as cli
 import resvae.runs as R
-from resvae.cli import main
+from resvae import config as C
+from resvae.cli import build_parser, main
+from resvae.config import tomllib
 
 pytestmark = pytest.mark.usefixtures("small_runs")
 
@@ -39,6 +43,179 @@ def test_help_exits_zero(capsys):
     assert _exit_code([]) == 2  # a subcommand is required
 
 
+def _help(argv, capsys) -> str:
+    assert _exit_code([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def _sections(out: str) -> dict[str, str]:
+    """Help text of each config argument group, by section."""
+    parts = re.split(r"^(model|data|train) settings:$", out, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _flag_block(out: str, flag: str) -> str:
+    """A flag's entry in --help, whitespace collapsed (the formatter wraps lines)."""
+    m = re.search(rf"^  {re.escape(flag)}(?=[ \n]).*?(?=^  -|^\S|\Z)", out, flags=re.M | re.S)
+    assert m, f"{flag} not in the help"
+    return " ".join(m.group(0).split())
+
+
+def test_train_help_groups_flags_by_section_without_underscore_aliases(capsys):
+    out = _help(["train"], capsys)
+    groups = _sections(out)
+    assert list(groups) == ["model", "data", "train"]
+    for key, (section, _, _) in C.fields_flat().items():
+        flag = "--" + key.replace("_", "-")
+        for sec, text in groups.items():  # each flag listed once, in its own section's group
+            assert (re.search(rf"^  {flag}(?=[ \n])", text, flags=re.M) is not None) == (
+                sec == section), (flag, sec)
+    assert re.findall(r"--[a-z0-9-]*_", out) == []  # --latent_dim and co. are not listed
+    assert "--latent_dim" not in out
+    assert "RESVAE_X_Y" in out and "--print-config" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_help_shows_choices_units_and_defaults(capsys):
+    # a newcomer picks a likelihood, a budget format and a depth from the help alone
+    out = _help(["train"], capsys)
+    for key in ("arch", "likelihood", "block", "shortcut"):
+        block = _flag_block(out, "--" + key)
+        assert block.startswith(f"--{key} {{{','.join(C.CHOICES[key])}}}"), block
+        for choice in C.CHOICES[key]:
+            assert f" {choice}: " in block, (key, choice)  # each choice explained
+    assert "discretized logistic" in _flag_block(out, "--likelihood")
+    budget = _flag_block(out, "--budget")
+    assert "90s, 10m" in budget and "1h30m" in budget and 'default: ""' in budget
+    depth = _flag_block(out, "--depth")
+    assert "depth convention" in depth and "20, 24, 28" in depth and "28, 40, 70, 100" in depth
+    assert depth.endswith("unit: layers; default: 28")
+    assert "unit: nats per latent dim; default: 0.0" in _flag_block(out, "--free-bits")
+    assert _flag_block(out, "--preact").endswith("default: false")
+
+
+def test_info_and_sweep_help_grouped_too(capsys):
+    info = _help(["info"], capsys)
+    assert list(_sections(info)) == ["model"]
+    assert "--depth D[,D...]" in info and "--latent-dim" in info and "--latent_dim" not in info
+    assert "{bernoulli," in info
+    sweep = _help(["sweep"], capsys)
+    groups = _sections(sweep)
+    assert list(groups) == ["model", "data", "train"]
+    assert "--depth " not in groups["model"] and "--shortcut" not in groups["model"]  # the grid
+    assert "--max-epochs" in groups["train"] and "_" not in "".join(re.findall(r"--\S+", sweep))
+
+
+@pytest.mark.parametrize("form", [["--preset", "cpu"], ["--preset=cpu"]])
+def test_preset_on_the_command_line_makes_its_values_the_defaults(capsys, form):
+    out = _help(["train", *form], capsys)
+    assert "default: 20 (preset cpu; built-in: 28)" in _flag_block(out, "--depth")
+    assert "default: 0.25 (preset cpu; built-in: 1.0)" in _flag_block(out, "--width")
+    assert "default: dlogistic (preset cpu" in _flag_block(out, "--likelihood")
+    assert "default: 10m (preset cpu" in _flag_block(out, "--budget")
+    assert _flag_block(out, "--seed").endswith("default: 0")  # not in the preset: built-in
+    info = _help(["info", *form], capsys)
+    assert "default: 20 (preset cpu" in _flag_block(info, "--depth")
+    sweep = _help(["sweep", *form], capsys)
+    assert "default: 0.25 (preset cpu" in _flag_block(sweep, "--width")
+    # a bad preset name still gives help (with built-in defaults); the command reports the name
+    out = _help(["train", "--preset", "nope"], capsys)
+    assert _flag_block(out, "--depth").endswith("default: 28")
+
+
+def test_a_field_without_help_still_gets_a_flag(capsys, monkeypatch):
+    # a new field merged in without help: the CLI works (test_config's help test names it)
+    docs = C.field_docs()
+    docs["latent_dim"] = {"help": "", "unit": "", "choices": None, "choice_help": {}}
+    monkeypatch.setattr(cli, "field_docs", lambda: docs)
+    out = _help(["train"], capsys)
+    assert _flag_block(out, "--latent-dim") == "--latent-dim INT (no help text yet) default: 256"
+
+
+def test_underscore_aliases_hidden_but_working(capsys):
+    assert main(["train", "--preset", "tiny", "--latent_dim", "3", "--zero_init_residual",
+                 "--print-config"]) == 0
+    cfg = tomllib.loads(capsys.readouterr().out)
+    assert cfg["model"]["latent_dim"] == 3 and cfg["model"]["zero_init_residual"] is True
+
+
+# ----------------------------------------------------------------------------- flag typos
+
+def test_every_parser_refuses_abbreviations():
+    p = build_parser()
+    assert p.allow_abbrev is False
+    assert p.subcommands and all(sp.allow_abbrev is False for sp in p.subcommands.values())
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--dep", "40"], "--dep"),
+    (["train", "--print"], "--print"),
+    (["info", "--dep", "40"], "--dep"),
+    (["sweep", "--max-epoch", "3"], "--max-epoch"),
+    (["eval", "runs/x", "--whi", "last"], "--whi"),
+])
+def test_abbreviated_flags_are_errors(argv, named, capsys, tmp_path):
+    assert _exit_code([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized argument {named}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("--lattent-dim", "--latent-dim"), ("--latent-dimm=3", "--latent-dim"),
+    ("--latent_dimm", "--latent-dim"), ("--dep", "--depth"), ("--max-epoch", "--max-epochs"),
+    ("--likelyhood", "--likelihood"),
+])
+def test_near_miss_flag_suggests_the_flag(typo, meant, capsys):
+    assert _exit_code(["train", "--preset", "tiny", typo, "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"resvae train: error: unrecognized argument {typo.partition('=')[0]}; "
+                   f"did you mean {meant}? (resvae train --help lists the flags)\n")
+
+
+def test_several_unknown_flags_in_one_line(capsys):
+    assert _exit_code(["train", "--lattent-dim", "3", "--zzzzzz"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "--lattent-dim (did you mean --latent-dim?)" in err and "--zzzzzz" in err
+
+
+# ----------------------------------------------------------------------------- --print-config
+
+def test_print_config_round_trips_as_config_file(tmp_path, monkeypatch, capsys):
+    # every layer: preset (cpu), file, env, flags; the printed TOML fed back as --config
+    # (and nothing else) gives the same RunConfig
+    f = tmp_path / "mine.toml"
+    f.write_text('[train]\nbatch_size = 7\nlr = 0.1\n[data]\ndataset = "shapes"\n')
+    monkeypatch.setenv("RESVAE_LR", "0.005")
+    monkeypatch.setenv("RESVAE_BETAS", "0.5,0.9")
+    flags = ["--latent-dim", "12", "--budget", "1h30m", "--preact",
+             "--data-dir", str(tmp_path / 'odd "dir" \\ name')]
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "cpu", "--config", str(f), *flags, "--print-config",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()  # nothing trained, nothing written
+    expected = C.resolve(preset="cpu", config_file=str(f),
+                         environ={"RESVAE_LR": "0.005", "RESVAE_BETAS": "0.5,0.9"},
+                         overrides={"latent_dim": "12", "budget": "1h30m", "preact": "true",
+                                    "data_dir": str(tmp_path / 'odd "dir" \\ name')})
+    assert (expected.model.depth, expected.train.batch_size, expected.train.lr,
+            expected.model.latent_dim) == (20, 7, 0.005, 12)  # preset < file < env < flag
+    printed = tmp_path / "printed.toml"
+    printed.write_text(text)
+    assert C.resolve(config_file=str(printed), environ={}) == expected
+    monkeypatch.delenv("RESVAE_LR")
+    monkeypatch.delenv("RESVAE_BETAS")
+    assert main(["train", "--config", str(printed), "--print-config"]) == 0
+    assert capsys.readouterr().out == text
+
+
+def test_print_config_reports_bad_values_like_train(capsys):
+    assert main(["train", "--preset", "tiny", "--depth", "abc", "--print-config"]) == 2
+    assert "--depth" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- info
 
 INFO_KEYS = {"depth", "layers", "encoder_params", "decoder_params", "params", "flops"}
@@ -61,12 +238,14 @@ def test_info_study_depths_json(capsys):
 def test_info_resnet_single_json_and_text(capsys):
     assert main(["info", "--arch", "resnet", "--depth", "20", "--block", "basic", "--width",
                  "0.0625", "--json"]) == 0
-    row = json.loads(capsys.readouterr().out)
-    assert isinstance(row, dict) and INFO_KEYS <= set(row)
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list) and len(rows) == 1  # the same shape for one depth as for four
+    row = rows[0]
+    assert INFO_KEYS <= set(row)
     assert row["depth"] == row["layers"] == 20 and row["arch"] == "resnet"
     # the tiny preset is this network (with its own latent/likelihood settings)
     assert main(["info", "--preset", "tiny", "--json"]) == 0
-    tiny = json.loads(capsys.readouterr().out)
+    [tiny] = json.loads(capsys.readouterr().out)
     assert tiny["arch"] == "resnet" and tiny["layers"] == 20
     assert main(["info", "--preset", "tiny"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -143,5 +322,5 @@ def test_console_script_runs():
                         "--json"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
-    row = json.loads(p.stdout)
+    [row] = json.loads(p.stdout)
     assert row["layers"] == 28 and row["arch"] == "study" and row["params"] > 0

@@ -375,3 +375,61 @@ def test_choices_are_the_registries():
             C.validate(cfg)
         with pytest.raises(ConfigError, match=key):
             _resolve(overrides={key: "not-a-" + key})
+
+
+# -- documentation: every field carries its help in its metadata ------------------------------
+
+@pytest.mark.parametrize("key", list(C.fields_flat()))
+def test_every_field_has_help(key):
+    # A field declared without `setting(default, help, ...)` fails here by name: give it help.
+    doc = C.field_docs()[key]
+    assert doc["help"].strip(), (f"config field {key!r} has no help text: declare it as "
+                                 f"{key}: T = setting(default, \"what it does\", unit=...) in "
+                                 "resvae/config.py")
+
+
+@pytest.mark.parametrize("key", sorted(C.CHOICES))
+def test_every_choice_field_lists_and_describes_its_choices(key):
+    doc = C.field_docs()[key]
+    assert doc["choices"] == tuple(C.CHOICES[key]), f"{key}: metadata choices are not CHOICES"
+    missing = [c for c in C.CHOICES[key] if not doc["choice_help"].get(c, "").strip()]
+    assert not missing, f"config field {key!r}: choice(s) {missing} have no line in its choice_help"
+    assert set(doc["choice_help"]) <= set(C.CHOICES[key]), f"{key}: describes a choice that is gone"
+
+
+def test_field_docs_units_and_only_choice_fields_have_choices():
+    docs = C.field_docs()
+    assert set(docs) == set(C.fields_flat())
+    assert {k for k, d in docs.items() if d["choices"]} == set(C.CHOICES)
+    assert docs["free_bits"]["unit"] == "nats per latent dim"
+    assert docs["budget"]["unit"].startswith("duration: 90s, 10m")
+    assert "depth convention" in docs["depth"]["help"]
+    docs["likelihood"]["choice_help"].clear()  # callers get copies
+    assert C.field_docs()["likelihood"]["choice_help"]
+
+
+def test_setting_gives_each_instance_its_own_list():
+    a, b = C.RunConfig(), C.RunConfig()
+    a.model.latent_l2.append(1.0)
+    assert b.model.latent_l2 == [0.0, 0.0] and C.ModelConfig().latent_l2 == [0.0, 0.0]
+
+
+# -- TOML writer ------------------------------------------------------------------------------
+
+def test_to_toml_round_trips_through_load_toml(tmp_path):
+    cfg = _resolve(preset="cpu", overrides={
+        "data_dir": 'a "quoted" \\path\\ with\ttab\nnewline \x7f \x01 é 日本',
+        "latent_l2": "0.01,0.1", "min_lr": "1e-300", "lr": "3.0000000000000004e-4",
+        "preact": "true", "budget": "1h30m"})
+    text = C.to_toml(cfg, header="line one\nline two")
+    assert text.startswith("# line one\n# line two\n\n[model]\n")
+    f = _toml(tmp_path, text)
+    assert C.load_toml(f) == C.to_dict(cfg)
+    assert _resolve(config_file=str(f)) == cfg
+    assert C.to_toml(_resolve(config_file=str(f))) == C.to_toml(cfg)
+
+
+def test_to_toml_writes_every_key_in_its_section():
+    d = C.tomllib.loads(C.to_toml(C.RunConfig()))
+    assert d == C.to_dict(C.RunConfig())
+    assert list(d) == ["model", "data", "train"]

@@ -22,7 +22,8 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     # Never touch ~/.cache or a real data dir from the environment.
-    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESVAE_DATA", raising=False)  # the cache dir's deprecated old name
     monkeypatch.delenv("RESVAE_DATA_DIR", raising=False)
 
 

@@ -117,8 +117,8 @@ def ddp_out(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("ddp")
-    old = os.environ.get("RESVAE_DATA")
-    os.environ["RESVAE_DATA"] = str(out / "cache")  # inherited by the spawned workers
+    old = os.environ.get("RESVAE_CACHE")
+    os.environ["RESVAE_CACHE"] = str(out / "cache")  # inherited by the spawned workers
     try:
         _small_splits()  # fill nothing on disk (shapes is generated) but fail early if broken
         ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD,
@@ -131,9 +131,9 @@ def ddp_out(tmp_path_factory):
                 pytest.fail("DDP workers did not finish in 120 s")
     finally:
         if old is None:
-            os.environ.pop("RESVAE_DATA", None)
+            os.environ.pop("RESVAE_CACHE", None)
         else:
-            os.environ["RESVAE_DATA"] = old
+            os.environ["RESVAE_CACHE"] = old
     return out
 
 
@@ -236,9 +236,9 @@ def test_without_sync_bn_ranks_differ_from_one_process(ddp_out, reference):
 @pytest.mark.slow  # 8-17 s on 2 shared cores: two fresh interpreters importing torch, then a run
 def test_torchrun_launch_end_to_end(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "RESVAE_DATA": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RESVAE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     for var in list(env):
-        if var.startswith("RESVAE_") and var != "RESVAE_DATA" or var in (
+        if var.startswith("RESVAE_") and var != "RESVAE_CACHE" or var in (
                 "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

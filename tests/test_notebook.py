@@ -34,10 +34,10 @@ def test_committed_notebook_is_clean():
 
 
 def test_notebook_runs_headless(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESVAE_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for var in list(os.environ):  # the caller's RESVAE_* settings must not reach the kernel
-        if var.startswith("RESVAE_") and var != "RESVAE_DATA":
+        if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
             monkeypatch.delenv(var)
     run, executed = tmp_path / "run", tmp_path / "executed.ipynb"
 

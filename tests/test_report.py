@@ -40,8 +40,8 @@ def sweep(tmp_path_factory):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as undo:
         undo.callback(torch.set_num_threads, threads)
-        mp.setenv("RESVAE_DATA", str(tmp_path_factory.mktemp("cache")))
-        for var in [v for v in os.environ if v.startswith("RESVAE_") and v != "RESVAE_DATA"]:
+        mp.setenv("RESVAE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        for var in [v for v in os.environ if v.startswith("RESVAE_") and v != "RESVAE_CACHE"]:
             mp.delenv(var)
         mp.setattr(T, "load_dataset", small_load)
         entries = []

@@ -3,29 +3,144 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
+import textwrap
 import time
 import typing
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, fields_flat, preset_names, resolve
+from .config import (
+    ConfigError,
+    field_docs,
+    fields_flat,
+    load_preset,
+    preset_names,
+    resolve,
+    to_toml,
+)
 
 MODEL_KEYS = [k for k, (sec, _, _) in fields_flat().items() if sec == "model"]
+PRECEDENCE = "defaults < --preset < --config FILE < RESVAE_<KEY> environment variables < flags"
 
 
-def _add_config_flags(p: argparse.ArgumentParser, keys) -> None:
-    """One flag per config key, `--latent-dim` (and `--latent_dim`); values stay strings and are
-    parsed strictly by config.resolve, so a flag is typed exactly like its env var and TOML key."""
+class _Formatter(argparse.HelpFormatter):
+    """Help that keeps the line breaks of a flag's help (one line per choice), wrapping each."""
+
+    def __init__(self, prog, **kw):
+        kw.setdefault("max_help_position", 34)
+        super().__init__(prog, **kw)
+
+    def _split_lines(self, text, width):
+        lines = []
+        for para in text.splitlines():
+            indent = " " * (len(para) - len(para.lstrip()))
+            lines += textwrap.wrap(para.strip(), width, initial_indent=indent,
+                                   subsequent_indent=indent + "  ", break_on_hyphens=False) or [""]
+        return lines
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every resvae parser (subcommands included: add_subparsers builds them from this class):
+    no abbreviated flags (`--dep 40` is an error, not `--depth 40`) and line-keeping help."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("allow_abbrev", False)
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)
+
+
+def _preset_in(argv: list[str]) -> str | None:
+    """The value of --preset on a command line, read before the parser exists (its help shows
+    that preset's values as the defaults)."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _preset_values(name: str | None) -> dict:
+    """Flat key -> typed value for the keys preset `name` sets; {} for none or a bad name (the
+    command itself reports that)."""
+    if not name:
+        return {}
+    try:
+        keys = {k for table in load_preset(name).values() for k in table}
+        cfg = resolve(preset=name, environ={})
+    except ConfigError:
+        return {}
+    return {k: getattr(getattr(cfg, fields_flat()[k][0]), k) for k in keys if k in fields_flat()}
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else '""'
+    return str(value)
+
+
+def _flag_help(key: str, preset: str | None, preset_vals: dict, lead: str = "") -> str:
+    """A config flag's help from its field metadata: what it does, each choice on its own line,
+    its unit, and its default (the preset's value when --preset is on the command line)."""
+    _, _, default = fields_flat()[key]
+    doc = field_docs()[key]
+    lines = [lead + (doc["help"] or "(no help text yet)")]
+    if doc["choices"]:
+        lines[0] += "; one of:"
+        lines += [f"  {c}: {doc['choice_help'][c]}" if doc["choice_help"].get(c) else f"  {c}"
+                  for c in doc["choices"]]
+    shown = f"default: {_show(default)}"
+    if key in preset_vals:
+        shown = f"default: {_show(preset_vals[key])} (preset {preset}; built-in: {_show(default)})"
+    lines.append((f"unit: {doc['unit']}; " if doc["unit"] else "") + shown)
+    return "\n".join(lines).replace("%", "%%")
+
+
+def _metavar(key: str) -> str:
+    _, typ, _ = fields_flat()[key]
+    if choices := field_docs()[key]["choices"]:
+        return "{" + ",".join(choices) + "}"
+    if typing.get_origin(typ) is list:
+        return typing.get_args(typ)[0].__name__.upper() + ",..."
+    return {"budget": "DURATION", "data_dir": "PATH", "device": "DEVICE"}.get(
+        key, typ.__name__.upper())
+
+
+def _group(p: argparse.ArgumentParser, groups: dict, section: str):
+    """The argument group of a config section ("model settings"), made on first use."""
+    if section not in groups:
+        groups[section] = p.add_argument_group(
+            f"{section} settings",
+            f"The [{section}] table of a --config file; each --x-y flag is also the environment "
+            "variable RESVAE_X_Y. A bare boolean flag means true.")
+    return groups[section]
+
+
+def _add_config_flags(p: argparse.ArgumentParser, keys, preset: str | None = None,
+                      groups: dict | None = None) -> None:
+    """One flag per config key, `--latent-dim`, in an argument group per section; values stay
+    strings and are parsed strictly by config.resolve, so a flag is typed exactly like its env
+    var and TOML key. The old `--latent_dim` spellings still work but are not listed."""
+    preset_vals = _preset_values(preset)
+    groups = {} if groups is None else groups
     for key in keys:
-        section, typ, default = fields_flat()[key]
-        names = [f"--{key.replace('_', '-')}"] + ([f"--{key}"] if "_" in key else [])
-        kind = typing.get_origin(typ) and "list" or typ.__name__
+        section, typ, _ = fields_flat()[key]
+        group = _group(p, groups, section)
         extra = dict(nargs="?", const="true") if typ is bool else {}
-        p.add_argument(*names, dest=key, default=None, metavar=kind.upper(),
-                       help=f"[{section}] {kind}, default {default!r}", **extra)
+        group.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None,
+                           metavar=_metavar(key), help=_flag_help(key, preset, preset_vals),
+                           **extra)
+        if "_" in key:  # the old spelling: hidden, still working
+            group.add_argument(f"--{key}", dest=key, default=None, help=argparse.SUPPRESS,
+                               **extra)
 
 
 def _depths(text: str) -> list[int]:
@@ -44,8 +159,8 @@ def cmd_info(args) -> int:
     for depth in args.depth or [cfg.depth]:
         vae = build_vae(cfg, depth=depth, channels=args.channels, image_size=args.image_size)
         rows.append({"arch": cfg.arch, "depth": depth, **model_info(vae)})
-    if args.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    if args.json:  # always a list, one object per depth
+        print(json.dumps(rows, indent=2))
         return 0
     print(f"arch {cfg.arch}, width {cfg.width}, latent {cfg.latent_dim}, likelihood "
           f"{cfg.likelihood}, input {args.channels}x{args.image_size}x{args.image_size}")
@@ -71,6 +186,11 @@ def cmd_train(args) -> int:
         cfg = resolve(preset=args.preset, config_file=args.config, environ=os.environ,
                       overrides=overrides)
         out = Path(args.out or Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.print_config:
+        print(to_toml(cfg, f"resvae train --print-config: the resolved config, layered\n"
+                           f"{PRECEDENCE}.\nTrain with it: resvae train --config FILE"), end="")
+        return 0
+    if not args.resume:
         check_fresh(out)
     summary = train(cfg, out, resume=bool(args.resume), argv=args.argv)
     return 3 if summary.get("stop_reason") == "non_finite" else 0
@@ -192,41 +312,64 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The `resvae` parser; `preset` (the --preset of the command line being parsed) makes the
+    config flags' help show that preset's values as their defaults."""
+    presets = ", ".join(preset_names())
+    p = _Parser(
         prog="resvae", description="VAEs with deep residual encoders/decoders: train and measure.",
-        epilog="Config precedence: defaults < --preset < --config FILE < RESVAE_<KEY> environment "
-               "variables < flags. Presets: " + ", ".join(preset_names()))
+        epilog=f"Config precedence: {PRECEDENCE}. Presets: {presets}")
     p.add_argument("--version", action="version", version=f"resvae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    p.subcommands = sub.choices
+    config_epilog = (f"Config precedence: {PRECEDENCE}. With --preset NAME the defaults shown "
+                     "are that preset's.")
 
     info = sub.add_parser("info", help="layers, parameters and FLOPs of a network",
+                          usage="%(prog)s [--preset NAME] [--depth D[,D...]] [--json] "
+                                "[--MODEL-KEY VALUE ...]",
                           description="Layers (by resvae's depth convention), encoder/decoder "
-                          "parameters and forward FLOPs per image.")
-    info.add_argument("--depth", type=_depths, help="one depth or a comma list, e.g. 28,40,70,100")
-    info.add_argument("--preset", help="take the model settings from a preset")
-    info.add_argument("--channels", type=int, default=3)
-    info.add_argument("--image-size", type=int, default=32)
-    info.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_config_flags(info, [k for k in MODEL_KEYS if k != "depth"])
+                          "parameters and forward FLOPs per image.", epilog=config_epilog)
+    info.add_argument("--preset", metavar="NAME", help=f"take the model settings from a preset: {presets}")
+    info.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
+    info.add_argument("--image-size", type=int, default=32, help="input size (default 32)")
+    info.add_argument("--json", action="store_true",
+                      help="machine-readable output: a JSON list, one object per depth")
+    groups = {}
+    _group(info, groups, "model").add_argument(
+        "--depth", type=_depths, metavar="D[,D...]",
+        help=_flag_help("depth", preset, _preset_values(preset),
+                        lead="one depth or a comma list, e.g. 28,40,70,100: "))
+    _add_config_flags(info, [k for k in MODEL_KEYS if k != "depth"], preset, groups)
     info.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("train", help="train a VAE",
+                        usage="%(prog)s [--preset NAME] [--config FILE] [--out DIR | --resume "
+                              "RUN_DIR]\n" + " " * 20 + "[--print-config] [--KEY VALUE ...]",
                         description="Train a VAE; writes config.json, metrics.jsonl, checkpoints, "
                         "sample/reconstruction grids and summary.json into the run directory. "
-                        "Under torchrun it trains with DistributedDataParallel.")
-    tr.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
-    tr.add_argument("--config", help="a TOML (or a run's config.json) file of settings")
-    tr.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+                        "Under torchrun it trains with DistributedDataParallel.",
+                        epilog=config_epilog)
+    tr.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
+    tr.add_argument("--config", metavar="FILE",
+                    help="a TOML (or a run's config.json) file of settings")
+    tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>-<time>)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped")
-    _add_config_flags(tr, fields_flat())
+    tr.add_argument("--print-config", action="store_true",
+                    help="print the resolved config as TOML (usable as --config FILE) and exit "
+                         "without training")
+    _add_config_flags(tr, fields_flat(), preset)
     tr.set_defaults(func=cmd_train)
 
     sw = sub.add_parser("sweep", help="train one run per depth (x shortcut), then report",
+                        usage="%(prog)s [SWEEP_FILE] [--depths D,D,...] [--shortcut S,...]\n"
+                              + " " * 20 + "[--preset NAME] [--config FILE] [--out DIR] "
+                              "[--KEY VALUE ...]",
                         description="Train the same VAE at several depths (and shortcuts), "
                         "everything else equal (seed, data order, images per run), into "
                         "SWEEP_DIR/<name>/; rerunning skips finished runs and resumes "
-                        "interrupted ones; writes results.csv/.md and figures.")
+                        "interrupted ones; writes results.csv/.md and figures.",
+                        epilog=config_epilog)
     sw.add_argument("file", nargs="?", metavar="SWEEP_FILE",
                     help="a TOML sweep: preset, [grid] of lists, [set] of fixed settings")
     sw.add_argument("--depths", type=_depths, help="comma list, e.g. 20,52,100,204")
@@ -238,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--iwae-n", dest="iwae_n", type=_positive,
                     help="test images for the IWAE estimate (default 1000; 0 = all)")
     sw.add_argument("--out", help="sweep directory (default runs/sweep-<preset or file name>)")
-    sw.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
+    sw.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
     sw.add_argument("--config", help="a TOML file of settings shared by every run")
-    _add_config_flags(sw, [k for k in fields_flat() if k not in ("depth", "shortcut")])
+    _add_config_flags(sw, [k for k in fields_flat() if k not in ("depth", "shortcut")], preset)
     sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("report", help="results table, figures and an HTML page of a sweep")
@@ -296,9 +439,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    """The flags a parser lists in its help (hidden aliases left out)."""
+    return [o for a in parser._actions if a.help != argparse.SUPPRESS
+            for o in a.option_strings]
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> typing.NoReturn:
+    """Exit 2 with one line naming the unknown flags and, for a near miss, the flag meant."""
+    options = _options(parser)
+    bad = [a for a in extra if a.startswith("-")] or extra
+    parts = []
+    for arg in bad:
+        name = arg.partition("=")[0]
+        close = difflib.get_close_matches(name.replace("_", "-"), options, n=1, cutoff=0.6)
+        starts = [o for o in options if o.startswith(name)] if name.startswith("--") else []
+        close = close or (starts if len(starts) == 1 else [])
+        parts.append((name, close[0] if close else None))
+    if len(parts) == 1:
+        (name, close), = parts
+        what = f"argument {name}" + (f"; did you mean {close}?" if close else "")
+    else:
+        what = "arguments " + ", ".join(n + (f" (did you mean {c}?)" if c else "")
+                                        for n, c in parts)
+    parser.exit(2, f"{parser.prog}: error: unrecognized {what} "
+                   f"({parser.prog} --help lists the flags)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = ["resvae", *(sys.argv[1:] if argv is None else argv)]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_preset_in(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unrecognized(parser.subcommands.get(getattr(args, "command", None), parser), extra)
+    args.argv = ["resvae", *argv]
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, bad model options

@@ -36,62 +36,144 @@ class ConfigError(ValueError):
     """A bad config value or key; the message names the key, its source and what was expected."""
 
 
+# Allowed values come from the registries that implement them, so a new arch, likelihood,
+# block or data set is a choice the moment it is registered (and never one before).
+CHOICES = {
+    "arch": tuple(ARCHS), "likelihood": tuple(LIKELIHOODS), "block": tuple(BLOCKS),
+    "shortcut": SHORTCUTS, "upsample": UPSAMPLE, "precision": ("fp32", "bf16"),
+    "dataset": DATASETS,
+}
+
+
+def setting(default, help: str, *, unit: str = "", choices=None, choice_help=None):
+    """A config field whose documentation lives in its dataclass metadata, in one place: ``help``
+    (what it does; what 0 / "" means), ``unit``, ``choices`` (a ``CHOICES`` entry) and
+    ``choice_help`` (a line per choice). ``field_docs()`` reads it back; the CLI's --help shows
+    it. List defaults are copied per instance."""
+    meta = {"help": help, "unit": unit, "choices": tuple(choices) if choices else None,
+            "choice_help": dict(choice_help or {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "study"  # "study" (the 2018 study's layout) | "resnet" (efficient family)
-    depth: int = 28  # weight layers on the longest path, encoder + decoder
-    width: float = 1.0  # channel multiplier
-    latent_dim: int = 256
-    likelihood: str = "bernoulli"  # "bernoulli" | "gaussian" | "dlogistic"
-    block: str = "bottleneck"  # "basic" | "bottleneck"
-    # "identity" (projection only where the shape changes) | "projection" (all) | "none" (plain)
-    shortcut: str = "identity"
-    preact: bool = False  # pre-activation blocks (He et al. 2016)
-    upsample: str = "transposed"  # decoder up-sampling: "transposed" | "nearest"
-    zero_init_residual: bool = False
-    n_mix: int = 10  # dlogistic mixture components
-    gaussian_std: float = 0.0  # >0 fixed std; 0 learned per pixel
-    # L2 penalty on the latent mean / log-variance layers (the study: 0.01, 0.1)
-    latent_l2: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    arch: str = setting(
+        "study", "network family", choices=CHOICES["arch"], choice_help={
+            "study": "the 2018 study's layout (Keras ResNet-50 bottleneck stages); "
+                     "depth 28, 40, 70 or 100 only",
+            "resnet": "efficient family, any reachable depth (see --depth)"})
+    depth: int = setting(
+        28, "weight layers on the longest path, encoder + decoder (see README: depth "
+        "convention). study: 28, 40, 70, 100. resnet: 4 + 2 x (layers per block) x B with B >= 4 "
+        "blocks per side, i.e. basic 20, 24, 28, ..., 1004, bottleneck 28, 34, 40, ..., 1000; "
+        "any other depth is an error naming the nearest valid ones", unit="layers")
+    width: float = setting(1.0, "channel multiplier on every stage's channel count",
+                           unit="x base channels")
+    latent_dim: int = setting(256, "dimensions of the Gaussian latent z", unit="dims")
+    likelihood: str = setting(
+        "bernoulli", "pixel likelihood p(x|z)", choices=CHOICES["likelihood"], choice_help={
+            "bernoulli": "the study's 3072 x BCE on [0, 1] pixels; not a likelihood of 8-bit "
+                         "data, so no bits/dim",
+            "gaussian": "Gaussian on dequantized pixels, std fixed (--gaussian-std) or learned; "
+                        "reports bits/dim",
+            "dlogistic": "discretized logistic mixture over 256 levels (PixelCNN++), --n-mix "
+                         "components; reports bits/dim"})
+    block: str = setting(
+        "bottleneck", "residual block", choices=CHOICES["block"], choice_help={
+            "basic": "3x3, 3x3 convs (2 layers; arch resnet only)",
+            "bottleneck": "1x1, 3x3, 1x1 convs (3 layers), 4x channel expansion"})
+    shortcut: str = setting(
+        "identity", "the blocks' skip connections", choices=CHOICES["shortcut"], choice_help={
+            "identity": "identity, a projection only where the shape changes",
+            "projection": "a projection (1x1 conv) on every block",
+            "none": "no shortcut: a plain net of the same depth"})
+    preact: bool = setting(False, "pre-activation blocks: BN-ReLU before each conv "
+                           "(He et al. 2016)")
+    upsample: str = setting(
+        "transposed", "decoder up-sampling", choices=CHOICES["upsample"], choice_help={
+            "transposed": "strided transposed convs",
+            "nearest": "nearest-neighbour upsampling, then a conv"})
+    zero_init_residual: bool = setting(
+        False, "zero-init each residual branch's last norm, so every block starts as its "
+        "shortcut")
+    n_mix: int = setting(10, "mixture components of the dlogistic likelihood", unit="components")
+    gaussian_std: float = setting(0.0, "std of the gaussian likelihood; 0 = learned per pixel",
+                                  unit="pixel scale, 0 to 1")
+    latent_l2: list[float] = setting(
+        [0.0, 0.0], "L2 penalty on the latent mean / log-variance layers' weights, added to the "
+        "training loss (the study: 0.01, 0.1)", unit="coefficients (mean, log-variance)")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | folder | mnist | fashion-mnist | shapes
-    data_dir: str = ""  # "" = look in the cache dir / download when asked
-    image_size: int = 0  # 0 = native size
-    subset: int = 0  # 0 = all training images
-    val_fraction: float = 0.0  # 0 = validate on the test split (as the study did)
-    download: bool = False
-    pad_to_32: bool = True
+    dataset: str = setting(
+        "cifar10", "training data", choices=CHOICES["dataset"], choice_help={
+            "cifar10": "CIFAR-10 from --data-dir (pickles, tar.gz or image folder), the cache, "
+                       "or --download",
+            "folder": "any image folder train/<class>/*, test/<class>/* (--data-dir)",
+            "mnist": "MNIST IDX files in --data-dir, padded to 32x32",
+            "fashion-mnist": "Fashion-MNIST IDX files in --data-dir, padded to 32x32",
+            "shapes": "procedural offline images, for smoke tests"})
+    data_dir: str = setting("", "where the data set lives; \"\" = $RESVAE_DATA_DIR, else look in "
+                            "the cache dir ($RESVAE_CACHE, default ~/.cache/resvae)", unit="path")
+    image_size: int = setting(0, "resize and centre-crop images to this size; 0 = native size",
+                              unit="pixels")
+    subset: int = setting(0, "train on this many class-balanced images; 0 = all",
+                          unit="images")
+    val_fraction: float = setting(
+        0.0, "fraction of train held out for validation; 0 = validate on the test split (as "
+        "the study did)", unit="fraction of the training images, in [0, 1)")
+    download: bool = setting(False, "download CIFAR-10 into the cache when no local copy is "
+                             "found")
+    pad_to_32: bool = setting(True, "pad MNIST / Fashion-MNIST's 28x28 images to 32x32")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
-    eval_batch_size: int = 500
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    kl_anneal_steps: int = 0  # beta 0 -> 1 linearly over this many steps; 0 = off
-    free_bits: float = 0.0  # nats per latent dim; 0 = off
-    grad_clip: float = 0.0  # max grad norm; 0 = off
-    skip_threshold: float = 0.0  # skip updates whose grad norm exceeds this; 0 = off
-    max_skips: int = 20  # more than this many skipped updates in a row stop the run
-    max_epochs: int = 1000
-    budget: str = ""  # wall-clock budget, e.g. "90s", "10m", "2h", "1h30m"; "" = none
-    patience: int = 0  # early stopping on val loss; 0 = off
-    min_delta: float = 0.0
-    plateau_patience: int = 0  # ReduceLROnPlateau; 0 = off
-    plateau_factor: float = 0.5
-    min_lr: float = 0.0
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"  # fp32 | bf16
-    channels_last: bool = False
-    sync_bn: bool = False
-    sample_every: int = 10  # epochs between sample/recon grids (and always at the end)
+    batch_size: int = setting(64, "images per update and process (under torchrun the global "
+                              "batch is this x processes)", unit="images")
+    eval_batch_size: int = setting(500, "images per forward pass in validation and test",
+                                   unit="images")
+    lr: float = setting(1e-3, "Adam learning rate (after warm-up)")
+    betas: list[float] = setting([0.9, 0.999], "Adam's beta1, beta2, each in [0, 1)")
+    weight_decay: float = setting(0.0, "Adam's (L2) weight decay")
+    warmup_steps: int = setting(0, "linear learning-rate warm-up over this many updates; "
+                                "0 = off", unit="updates")
+    kl_anneal_steps: int = setting(0, "KL weight beta 0 -> 1 linearly over this many updates; "
+                                   "0 = off", unit="updates")
+    free_bits: float = setting(0.0, "free bits (Kingma et al. 2016): no KL pressure below this; "
+                               "0 = off", unit="nats per latent dim")
+    grad_clip: float = setting(0.0, "clip the gradient's global norm to this; 0 = off",
+                               unit="L2 norm")
+    skip_threshold: float = setting(
+        0.0, "skip updates whose gradient norm exceeds this (non-finite ones are always "
+        "skipped); 0 = off", unit="L2 norm")
+    max_skips: int = setting(20, "more than this many skipped updates in a row stop the run",
+                             unit="updates")
+    max_epochs: int = setting(1000, "stop after this many epochs", unit="epochs")
+    budget: str = setting(
+        "", "wall-clock budget of one invocation (a resumed run gets a fresh one); \"\" = none",
+        unit="duration: 90s, 10m, 2h, 1h30m or 1.5h; a bare number is seconds")
+    patience: int = setting(0, "early stopping: stop after this many epochs without a "
+                            "validation gain above --min-delta; 0 = off", unit="epochs")
+    min_delta: float = setting(0.0, "the validation gain early stopping counts as one",
+                               unit="nats per image")
+    plateau_patience: int = setting(0, "ReduceLROnPlateau: cut the lr after this many epochs "
+                                    "without validation gain; 0 = off", unit="epochs")
+    plateau_factor: float = setting(0.5, "ReduceLROnPlateau: multiply the lr by this",
+                                    unit="factor in (0, 1)")
+    min_lr: float = setting(0.0, "ReduceLROnPlateau: the lr never goes below this")
+    seed: int = setting(0, "seed of the initialisation, data order and held-out split")
+    device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    precision: str = setting(
+        "fp32", "arithmetic precision", choices=CHOICES["precision"], choice_help={
+            "fp32": "full precision", "bf16": "bfloat16 autocast (CPU and GPU)"})
+    channels_last: bool = setting(False, "channels_last memory format")
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes under torchrun")
+    sample_every: int = setting(10, "write sample/reconstruction grids every this many epochs, "
+                                "and always at the end; 0 = at the end only", unit="epochs")
 
 
 @dataclass
@@ -102,7 +184,8 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-RESERVED_ENV = frozenset({"RESVAE_DATA", "RESVAE_CACHE"})  # read by the data code, not config
+# read by the data code, not config: the cache dir (RESVAE_DATA: its deprecated old name)
+RESERVED_ENV = frozenset({"RESVAE_DATA", "RESVAE_CACHE"})
 _ENV_PREFIX = "RESVAE_"
 
 
@@ -126,6 +209,20 @@ _ENV_NAMES = {_ENV_PREFIX + k.upper(): k for k in _FIELDS}
 def fields_flat() -> dict[str, tuple[str, type, object]]:
     """Flat key -> (section, type, default) for every field; the CLI builds its flags from it."""
     return {k: (s, t, copy.copy(d)) for k, (s, t, d) in _FIELDS.items()}
+
+
+def field_docs() -> dict[str, dict]:
+    """Flat key -> {"help", "unit", "choices", "choice_help"} from each field's metadata (see
+    ``setting``). A field declared without ``setting`` has help "" here, which the CLI shows
+    as it is and the tests reject by name."""
+    out = {}
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            out[f.name] = {"help": m.get("help", ""), "unit": m.get("unit", ""),
+                           "choices": m.get("choices"),
+                           "choice_help": dict(m.get("choice_help", {}))}
+    return out
 
 
 def _tname(typ) -> str:
@@ -245,13 +342,6 @@ def _budget_ok(s: str) -> bool:
         return False
 
 
-# Allowed values come from the registries that implement them, so a new arch, likelihood,
-# block or data set is a choice the moment it is registered (and never one before).
-CHOICES = {
-    "arch": tuple(ARCHS), "likelihood": tuple(LIKELIHOODS), "block": tuple(BLOCKS),
-    "shortcut": SHORTCUTS, "upsample": UPSAMPLE, "precision": ("fp32", "bf16"),
-    "dataset": DATASETS,
-}
 # Names users may still type after a rename: each gets an error that names its successor.
 RENAMED = {"arch": {"seed": "study"}}
 RENAMED_PRESETS = {f"seed-{d}": f"study-{d}" for d in (28, 40, 70, 100)}
@@ -384,6 +474,33 @@ def resolve(preset: str | None = None, config_file: str | None = None,
 def to_dict(cfg: RunConfig) -> dict:
     """Nested, JSON-serialisable dict."""
     return dataclasses.asdict(cfg)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)  # repr round-trips
+    if isinstance(v, str):
+        # JSON's escapes are a subset of a TOML basic string's; TOML also bars a raw DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} ({type(v).__name__}) as TOML")
+
+
+def to_toml(cfg: RunConfig, header: str = "") -> str:
+    """The config as a TOML file of the three sections, every key written out; ``load_toml``
+    (and so ``--config``) reads it back to an equal RunConfig. ``header``: comment lines."""
+    lines = [f"# {h}".rstrip() for h in header.splitlines()]
+    for sec, values in to_dict(cfg).items():
+        lines += ([""] if lines else []) + [f"[{sec}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def from_dict(d: Mapping, source: str = "config dict") -> RunConfig:

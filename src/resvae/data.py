@@ -76,9 +76,21 @@ class Splits:
     source: str
 
 
+_warned_old_cache_var = False
+
+
 def default_cache_dir() -> Path:
-    """Cache directory: $RESVAE_DATA if set, else ~/.cache/resvae."""
-    env = os.environ.get("RESVAE_DATA")
+    """Cache directory: $RESVAE_CACHE if set, else ~/.cache/resvae. RESVAE_DATA, its old name,
+    still works (RESVAE_CACHE wins when both are set) and says once per process on stderr that
+    it is deprecated."""
+    global _warned_old_cache_var
+    env, old = os.environ.get("RESVAE_CACHE"), os.environ.get("RESVAE_DATA")
+    if old and not _warned_old_cache_var:
+        _warned_old_cache_var = True
+        note = f" (ignored: RESVAE_CACHE={env} is set)" if env else ""
+        print(f"resvae: DeprecationWarning: RESVAE_DATA is deprecated, use RESVAE_CACHE{note}",
+              file=sys.stderr)
+    env = env or old
     return Path(env).expanduser() if env else Path.home() / ".cache" / "resvae"
 
 
@@ -142,7 +154,7 @@ def _cached(cache_dir: Path, key_parts: list, decode: Callable[[], tuple[ImageSe
         atomic_write(path, write)
     except OSError as e:
         warnings.warn(f"dataset cache directory {cache_dir} is not writable ({e}); continuing "
-                      "without caching, so the next run decodes again. Point RESVAE_DATA at a "
+                      "without caching, so the next run decodes again. Point RESVAE_CACHE at a "
                       "writable directory.", stacklevel=3)
     return train, test
 
