@@ -78,8 +78,10 @@ class ModelConfig:
                          "data, so no bits/dim",
             "gaussian": "Gaussian on dequantized pixels, std fixed (--gaussian-std) or learned; "
                         "reports bits/dim",
-            "dlogistic": "discretized logistic mixture over 256 levels (PixelCNN++), --n-mix "
-                         "components; reports bits/dim"})
+            "dlogistic": "discretized logistic mixture over 256 levels, each channel on its own, "
+                         "--n-mix components; reports bits/dim",
+            "dmol": "PixelCNN++'s discretized logistic mixture over the whole colour (G's mean "
+                    "depends on R, B's on R and G), --n-mix components; reports bits/dim"})
     block: str = setting(
         "bottleneck", "residual block", choices=CHOICES["block"], choice_help={
             "basic": "3x3, 3x3 convs (2 layers; arch resnet only)",
@@ -98,7 +100,8 @@ class ModelConfig:
     zero_init_residual: bool = setting(
         False, "zero-init each residual branch's last norm, so every block starts as its "
         "shortcut")
-    n_mix: int = setting(10, "mixture components of the dlogistic likelihood", unit="components")
+    n_mix: int = setting(10, "mixture components of the dlogistic and dmol likelihoods",
+                         unit="components")
     gaussian_std: float = setting(0.0, "std of the gaussian likelihood; 0 = learned per pixel",
                                   unit="pixel scale, 0 to 1")
     latent_l2: list[float] = setting(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "Likelihood", "Bernoulli", "Gaussian", "DiscretizedLogistic",
+    "Likelihood", "Bernoulli", "Gaussian", "DiscretizedLogistic", "DiscretizedMixLogistic",
     "LIKELIHOODS", "make_likelihood", "bits_per_dim",
 ]
 
@@ -152,14 +152,52 @@ class Gaussian(Likelihood):
         return self._mu_log_std(params)[0].clamp(0.0, 1.0)
 
 
-def _log_sigmoid_diff(a: Tensor, b: Tensor) -> Tensor:
-    """log(sigmoid(a) - sigmoid(b)) for a > b, stable everywhere.
+def _logistic_log_mass(xs: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """log P(level xs) under a logistic(means, exp(log_scales)) discretized to 256 levels.
 
-    Uses sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)): no
-    cancellation in either tail, so the PixelCNN++ fallback (log pdf at the bin centre +
-    log bin width when cdf_delta < 1e-5) is not needed and its approximation error is avoided.
+    Everything in [-1, 1] data units (xs = 2x - 1): each level's bin has half-width 1/255,
+    and the edge bins absorb the tails, x = -1 taking CDF(upper edge) and x = +1 taking
+    1 - CDF(lower edge), so the 256 probabilities sum to exactly 1 (PixelCNN++).
     """
-    return F.logsigmoid(a) + F.logsigmoid(-b) + torch.log(-torch.expm1(b - a))
+    inv_s = torch.exp(-log_scales)
+    plus_in = inv_s * (xs - means + 1.0 / 255.0)   # standardized upper bin edge
+    min_in = inv_s * (xs - means - 1.0 / 255.0)    # standardized lower bin edge
+    log_cdf_plus = F.logsigmoid(plus_in)
+    log_one_minus_cdf_min = F.logsigmoid(-min_in)
+    # Interior bins: sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)) has
+    # no cancellation in either tail, so the PixelCNN++ fallback (log pdf at the bin centre +
+    # log bin width when cdf_delta < 1e-5) is not needed and its approximation error is avoided.
+    log_mid = (log_cdf_plus + log_one_minus_cdf_min
+               + torch.log(-torch.expm1(inv_s * (-2.0 / 255.0))))
+    return torch.where(xs < -0.999, log_cdf_plus,
+                       torch.where(xs > 0.999, log_one_minus_cdf_min, log_mid))
+
+
+def _logistic_level(means: Tensor, log_scales: Tensor, generator) -> Tensor:
+    """One draw from the discretized logistic of ``_logistic_log_mass``: its level 0..255 (float).
+
+    A continuous logistic draw rounded to the nearest level is exactly that distribution: level
+    k's bin is [k - 0.5, k + 0.5] on the 0..255 scale, and clamping sends the tails to the edges.
+    """
+    u = _uniform(means.shape, means, generator)
+    xs = (means + torch.exp(log_scales) * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
+    return torch.round((xs + 1.0) * 127.5)
+
+
+def _gumbel_pick(logits: Tensor, generator) -> Tensor:
+    """One-hot along dim 1 of a component drawn from softmax(logits, 1) (Gumbel-max)."""
+    gumbel = -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
+    return F.one_hot((logits + gumbel).argmax(1), logits.shape[1]).movedim(-1, 1).to(logits)
+
+
+def _check_n_mix(name: str, n_mix) -> int:
+    if isinstance(n_mix, bool) or int(n_mix) != n_mix or n_mix < 1:
+        raise ValueError(f"{name}: n_mix must be a positive integer, got {n_mix!r}")
+    return int(n_mix)
+
+
+# Scales below e^-7 (~1e-3, an eighth of a bin) buy nothing and destabilise training (PixelCNN++).
+LOG_SCALE_MIN = -7.0
 
 
 class DiscretizedLogistic(Likelihood):
@@ -173,13 +211,10 @@ class DiscretizedLogistic(Likelihood):
     """
 
     discrete = True
-    LOG_SCALE_MIN = -7.0
 
     def __init__(self, n_mix: int = 10):
         super().__init__()
-        if isinstance(n_mix, bool) or int(n_mix) != n_mix or n_mix < 1:
-            raise ValueError(f"dlogistic: n_mix must be a positive integer, got {n_mix!r}")
-        self.n_mix = int(n_mix)
+        self.n_mix = _check_n_mix("dlogistic", n_mix)
 
     def extra_repr(self) -> str:
         return f"n_mix={self.n_mix}"
@@ -191,24 +226,14 @@ class DiscretizedLogistic(Likelihood):
         c = self._channels(params)
         b, _, h, w = params.shape
         p = params.reshape(b, 3, self.n_mix, c, h, w)
-        # Scales below e^-7 (~1e-3, an eighth of a bin) buy nothing and destabilise training.
-        return p[:, 0], p[:, 1], p[:, 2].clamp(min=self.LOG_SCALE_MIN)
+        return p[:, 0], p[:, 1], p[:, 2].clamp(min=LOG_SCALE_MIN)
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         """Per-dimension log P(x), shape (B, C, H, W)."""
         self._check(params, x)
         logits, means, log_scales = self._split(params)  # each (B, K, C, H, W)
         xs = (2.0 * x - 1.0).unsqueeze(1)                 # [-1, 1], bins of width 2/255
-        inv_s = torch.exp(-log_scales)
-        plus_in = inv_s * (xs - means + 1.0 / 255.0)      # standardized upper bin edge
-        min_in = inv_s * (xs - means - 1.0 / 255.0)       # standardized lower bin edge
-        # Edge bins absorb the tails: x = -1 takes CDF(upper) and x = +1 takes
-        # 1 - CDF(lower), so the 256 probabilities sum to exactly 1.
-        log_cdf_plus = F.logsigmoid(plus_in)
-        log_one_minus_cdf_min = F.logsigmoid(-min_in)
-        log_mid = _log_sigmoid_diff(plus_in, min_in)
-        log_p = torch.where(xs < -0.999, log_cdf_plus,
-                            torch.where(xs > 0.999, log_one_minus_cdf_min, log_mid))
+        log_p = _logistic_log_mass(xs, means, log_scales)
         return torch.logsumexp(log_p + F.log_softmax(logits, dim=1), dim=1)
 
     def nll(self, params: Tensor, x: Tensor) -> Tensor:
@@ -216,14 +241,9 @@ class DiscretizedLogistic(Likelihood):
 
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         logits, means, log_scales = self._split(params)
-        # Gumbel-max picks one component per (B, C, H, W).
-        gumbel = -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
-        pick = F.one_hot((logits + gumbel).argmax(1), self.n_mix).movedim(-1, 1).to(means)
-        mu = (means * pick).sum(1)
-        s = torch.exp((log_scales * pick).sum(1))
-        u = _uniform(mu.shape, mu, generator)
-        xs = (mu + s * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
-        return torch.round((xs + 1.0) * 127.5) / 255.0
+        pick = _gumbel_pick(logits, generator)  # one component per (B, C, H, W)
+        level = _logistic_level((means * pick).sum(1), (log_scales * pick).sum(1), generator)
+        return level / 255.0
 
     def mean(self, params: Tensor) -> Tensor:
         logits, means, _ = self._split(params)
@@ -231,10 +251,101 @@ class DiscretizedLogistic(Likelihood):
         return ((m + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+class DiscretizedMixLogistic(Likelihood):
+    """PixelCNN++'s discretized logistic mixture with channel dependence (Salimans et al. 2017,
+    sec. 2.2; VDVAE's ``DmolNet``).
+
+    Per pixel, one K-component mixture over the whole colour: the component is shared by the
+    channels. Within component k the channels are discretized logistics whose means depend
+    linearly on the channels before them, conditioned on the observed values:
+    mu_c = m_c + sum_{j<c} tanh(a_cj) x_j, so for RGB mu_G = m_G + a*R, mu_B = m_B + b*R + c*G.
+    One channel has no coefficients (it is then ``dlogistic`` with one channel).
+    Layout (component-major, C(C-1)/2 coefficients ordered (1,0), (2,0), (2,1), ...):
+    params = cat([logits (K), means (K*C, index k*C + c), log_scales (K*C),
+    coeffs (K*C(C-1)/2, index k*P + p)], dim=1); for RGB 10K channels, as in PixelCNN++.
+    """
+
+    discrete = True
+
+    def __init__(self, n_mix: int = 10):
+        super().__init__()
+        self.n_mix = _check_n_mix("dmol", n_mix)
+
+    def extra_repr(self) -> str:
+        return f"n_mix={self.n_mix}"
+
+    def n_params(self, channels: int) -> int:
+        return self.n_mix * (1 + 2 * channels + channels * (channels - 1) // 2)
+
+    def _channels(self, params: Tensor) -> int:
+        n = params.shape[1] if params.dim() == 4 else -1
+        for c in range(1, n + 1):  # n_params grows with c: at most one fits
+            if self.n_params(c) == n:
+                return c
+        raise ValueError(f"params must be (B, n_mix*(1 + 2C + C(C-1)/2), H, W) for C channels: "
+                         f"{self.n_params(1)} for one, {self.n_params(3)} for RGB; "
+                         f"got {tuple(params.shape)}")
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """logits (B, K, H, W); means, log_scales (B, K, C, H, W); tanh'd coeffs (B, K, P, H, W)."""
+        c, k = self._channels(params), self.n_mix
+        b, _, h, w = params.shape
+        logits, means, log_scales, coeffs = params.split([k, k * c, k * c, k * c * (c - 1) // 2], 1)
+        means = means.reshape(b, k, c, h, w)
+        log_scales = log_scales.reshape(b, k, c, h, w).clamp(min=LOG_SCALE_MIN)
+        return logits, means, log_scales, torch.tanh(coeffs.reshape(b, k, -1, h, w))
+
+    @staticmethod
+    def _offset(coeffs: Tensor, xs: list[Tensor], c: int) -> Tensor | int:
+        """Channel c's mean shift sum_{j<c} coeff_(c,j) * xs[j]; 0 for the first channel."""
+        first = c * (c - 1) // 2
+        return sum(coeffs[:, :, first + j] * xs[j] for j in range(c))
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        """Per-pixel log P(colour), shape (B, H, W): the channels' joint, not a product of marginals."""
+        self._check(params, x)
+        logits, means, log_scales, coeffs = self._split(params)
+        xs = (2.0 * x - 1.0).unsqueeze(1)  # (B, 1, C, H, W) in [-1, 1]
+        observed = list(xs.unbind(2))
+        mu = torch.stack([means[:, :, c] + self._offset(coeffs, observed, c)
+                          for c in range(means.shape[2])], 2)
+        log_p = _logistic_log_mass(xs, mu, log_scales).sum(2)  # (B, K, H, W): one component
+        return torch.logsumexp(log_p + F.log_softmax(logits, dim=1), dim=1)
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        return -self.log_prob(params, x).flatten(1).sum(1)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw a component per pixel, then the channels in order, each conditioned on the
+        quantized levels drawn before it: an exact draw from the distribution ``nll`` scores."""
+        logits, means, log_scales, coeffs = self._split(params)
+        pick = _gumbel_pick(logits, generator).unsqueeze(2)   # (B, K, 1, H, W)
+        means, log_scales, coeffs = ((t * pick).sum(1, keepdim=True)
+                                     for t in (means, log_scales, coeffs))
+        drawn, levels = [], []
+        for c in range(means.shape[2]):
+            level = _logistic_level(means[:, :, c] + self._offset(coeffs, drawn, c),
+                                    log_scales[:, :, c], generator)
+            drawn.append(2.0 * level / 255.0 - 1.0)
+            levels.append(level)
+        return torch.stack(levels, 2).squeeze(1) / 255.0
+
+    def mean(self, params: Tensor) -> Tensor:
+        """The mixture mean of the continuous model (channel means propagated through the
+        coefficients), clamped to [0, 1]."""
+        logits, means, _, coeffs = self._split(params)
+        cond: list[Tensor] = []  # per component, each channel's mean given the ones before it
+        for c in range(means.shape[2]):
+            cond.append(means[:, :, c] + self._offset(coeffs, cond, c))
+        m = (torch.softmax(logits, dim=1).unsqueeze(2) * torch.stack(cond, 2)).sum(1)
+        return ((m + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     "bernoulli": Bernoulli,
     "gaussian": Gaussian,
     "dlogistic": DiscretizedLogistic,
+    "dmol": DiscretizedMixLogistic,
 }
 
 

@@ -130,7 +130,7 @@ def build_vae(config: ModelConfig | None = None, *, channels: int = 3, image_siz
     if cfg.arch == "study" and cfg.block != "bottleneck":
         raise ValueError("arch 'study' uses bottleneck blocks only (as the study did); "
                          f"got block={cfg.block!r}; use arch 'resnet' for basic blocks")
-    options = {"dlogistic": {"n_mix": cfg.n_mix},
+    options = {"dlogistic": {"n_mix": cfg.n_mix}, "dmol": {"n_mix": cfg.n_mix},
                "gaussian": {"std": cfg.gaussian_std}}.get(cfg.likelihood, {})
     lik = make_likelihood(cfg.likelihood, **options)
     kwargs = dict(width=cfg.width, latent_dim=cfg.latent_dim, channels=channels,
