@@ -7,6 +7,7 @@
     RUN_DIR/eval.json            `resvae eval` (and the sweep): ELBO and IWAE with standard errors
     RUN_DIR/checkpoints/{last,best}.pt, best.safetensors
     RUN_DIR/samples/epoch_NNNN.png, RUN_DIR/recon/epoch_NNNN.png
+    RUN_DIR/tensorboard/         TensorBoard event files (--tensorboard)
 
 Every other module asks this one for paths, reads and writes (nanoGPT's single checkpoint dict,
 one loader shared by training, evaluation and sampling).
@@ -46,6 +47,7 @@ class RunDir:
     samples = property(lambda self: self.root / "samples")
     recon = property(lambda self: self.root / "recon")
     safetensors = property(lambda self: self.root / "checkpoints" / "best.safetensors")
+    tensorboard = property(lambda self: self.root / "tensorboard")
 
     def checkpoint(self, which: str = "last") -> Path:
         if which not in CHECKPOINTS:
