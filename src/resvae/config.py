@@ -180,6 +180,9 @@ class TrainConfig:
         "only the epoch means", unit="updates")
     tensorboard: bool = setting(False, "write TensorBoard event files into RUN_DIR/tensorboard/ "
                                 "(needs pip install 'resvae[tensorboard]')")
+    compile: bool = setting(False, "torch.compile the model's forward for training and "
+                            "evaluation (on CPU it needs a C compiler); checkpoints load into an "
+                            "uncompiled model")
 
 
 @dataclass

@@ -288,6 +288,10 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         vae = vae.to(memory_format=torch.channels_last)
     model = D.wrap(vae, rt, tc.sync_bn)
     vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
+    if tc.compile:
+        # In place: the forward (training and evaluation, through DDP too) is compiled, while
+        # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
+        vae.compile()
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                            weight_decay=tc.weight_decay)
     state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta))
