@@ -175,6 +175,23 @@ def test_tensorboard_writes_steps_epochs_grids_and_hparams(tmp_path):
         assert scalars(key) == [(8, pytest.approx(summary[key], rel=1e-6))], key
 
 
+def test_tensorboard_resume_drops_what_a_crashed_run_logged_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    train_small(cfg_for(tensorboard=True, log_every=2, max_epochs=1), run)  # steps 1-4
+    with SummaryWriter(str(run / "tensorboard")) as w:  # a crash in epoch 2, after step 6
+        w.add_scalar("train/loss", -1.0, 6)
+    rec = Recorder()
+    train_small(cfg_for(tensorboard=True, log_every=2), run, resume=True, callbacks=[rec])
+    acc = _events(run / "tensorboard")
+    loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [2, 4, 6, 8]  # epoch 1's kept, the crashed step 6 dropped
+    assert loss[2][1] == pytest.approx(rec.steps[0][1]["loss"], rel=1e-6)
+    assert [e.step for e in acc.Scalars("val/loss")] == [4, 8]
+
+
 def test_tensorboard_missing_is_an_error_naming_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     run = tmp_path / "run"

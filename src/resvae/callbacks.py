@@ -50,8 +50,8 @@ class TensorBoard:
     """Event files in RUN_DIR/tensorboard/, every value at the global step it belongs to:
     train/* every `log_every` updates, val/* and epoch/* per epoch with the sample and
     reconstruction grids, and at the end the flat config as hyper-parameters with the final
-    metrics. `purge_step` (a resumed run's step) drops events a crashed run wrote after its
-    checkpoint, as `keep_metrics` does for metrics.jsonl."""
+    metrics. `purge_step` (a resumed run's step + 1) drops the events a crashed run wrote after
+    its checkpoint, as `keep_metrics` does for metrics.jsonl."""
 
     def __init__(self, run: RunDir, cfg: RunConfig, purge_step: int | None = None):
         self.run, self.cfg = run, cfg

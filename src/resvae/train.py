@@ -314,7 +314,9 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         keep_metrics(run.root, state.epoch)
         s.callbacks = list(callbacks)
         if tc.tensorboard:
-            s.callbacks.append(TensorBoard(run, cfg, purge_step=state.step if resume else None))
+            # events after the checkpoint's step (a crashed run's) are dropped; its own stay
+            s.callbacks.append(TensorBoard(run, cfg, purge_step=state.step + 1 if resume
+                                           else None))
     s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
           f"run dir {run.root}" + (f"; resuming after epoch {state.epoch}" if resume else ""))
