@@ -1,7 +1,8 @@
 """DistributedDataParallel on CPU: 2 gloo processes.
 
 One spawn of 2 workers (module fixture) does all in-process work, to pay the start-up once:
-  A. resvae.train.train() on the tiny config; each rank records the weights `evaluate` sees;
+  A. resvae.train.train() on the tiny config; each rank records the weights `evaluate` sees
+     and what its callback was told (rank 0's alone is called);
   B. hand-written loops (training_step on a D.wrap-ped model) with and without sync BN, each
      rank taking its half of every global batch; the test compares them to a 1-process loop on
      the whole global batches.
@@ -91,8 +92,15 @@ def _worker(rank, port, out):
 
     T.evaluate = recording_evaluate
     D.teardown = lambda rt: None  # keep the process group for part B
-    summary = T.train(_cfg(), out / "run", progress=False)
+    steps = []
+
+    class StepRecorder:
+        def on_step(self, step, stats):
+            steps.append(stats)
+
+    summary = T.train(_cfg(log_every=1), out / "run", progress=False, callbacks=[StepRecorder()])
     (out / f"summary_rank{rank}.json").write_text(json.dumps(summary))
+    (out / f"steps_rank{rank}.json").write_text(json.dumps(steps))
 
     # --- B: hand loops, each rank on its half of every global batch ---------------------------
     V.VAE.reparameterize = staticmethod(_fixed_noise)
@@ -176,6 +184,16 @@ def test_ddp_train_ranks_end_with_identical_weights(ddp_out):
     ckpt = _load(ddp_out / "run" / "checkpoints" / "last.pt")
     for k, v in ev0[1].items():
         assert torch.equal(ckpt["model"][k], v), k
+
+
+def test_ddp_callbacks_on_rank_0_see_means_over_ranks(ddp_out):
+    steps = [json.loads((ddp_out / f"steps_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(steps[0]) == 4 and steps[1] == []  # every update on rank 0, nothing on rank 1
+    recs = [json.loads(r) for r in (ddp_out / "run" / "metrics.jsonl").read_text().splitlines()]
+    for epoch, rec in enumerate(recs):  # each epoch's mean is the mean of its 2 logged steps,
+        logged = steps[0][2 * epoch:2 * epoch + 2]  # which are already means over both ranks
+        for key, col in (("train_loss", "loss"), ("rate", "rate"), ("distortion", "distortion")):
+            assert rec[key] == pytest.approx(sum(s[col] for s in logged) / 2, rel=1e-12), key
 
 
 def test_ddp_ranks_evaluate_the_same_model(ddp_out):

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -176,7 +177,7 @@ def test_training_step_skip_threshold():
     tc = cfg_for(skip_threshold=1e-6).train  # every real gradient norm is above this
     before = _params(vae)
     s = T.training_step(vae, vae, x, opt, tc)
-    assert s["skipped"] is True and s["grad_norm"] > 1e-6
+    assert s["skipped"] is True and float(s["grad_norm"]) > 1e-6
     assert all(torch.equal(v, before[k]) for k, v in _params(vae).items())
 
 
@@ -338,6 +339,48 @@ def test_load_checkpoint_strips_wrapper_prefixes(tmp_path):
     assert set(R.load_checkpoint(p)["model"]) == {"a", "b", "c", "d"}
 
 
+def test_torch_compile_wrapper_keys_load_into_a_plain_vae(tmp_path):
+    # torch.compile(module) wraps it (lazily: nothing compiles until it is called) and prefixes
+    # every state_dict key with _orig_mod.; load_checkpoint strips it
+    cfg = cfg_for()
+    torch.manual_seed(0)
+    vae = T.build_from_config(cfg, (3, 32, 32))
+    compiled = torch.compile(vae)
+    keys = list(compiled.state_dict())
+    assert keys and all(k.startswith("_orig_mod.") for k in keys)
+    R.save_checkpoint({"model": compiled.state_dict()}, tmp_path / "c.pt")
+    torch.manual_seed(1)
+    plain = T.build_from_config(cfg, (3, 32, 32))
+    plain.load_state_dict(R.load_checkpoint(tmp_path / "c.pt")["model"])  # strict
+    for k, v in vae.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_compiled_run_loads_into_an_uncompiled_model(tmp_path):
+    # minutes on 2 CPU cores: inductor compiles C++ for the training and the eval forward
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile on CPU needs a C compiler (no cc or gcc on PATH)")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run = tmp_path / "run"
+    cfg = cfg_for(compile=True, batch_size=16, sample_every=0)
+    s = train_small(cfg, run)
+    assert counters["stats"]["unique_graphs"] >= 2  # the forward in train and in eval mode
+    assert s["stop_reason"] == "max_epochs" and s["skipped_updates"] == 0
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    vae, cfg2 = R.load_run(run)  # a plain module, strict load_state_dict
+    assert cfg2.train.compile and vae._compiled_call_impl is None
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, best[k]), k
+    # the same model: its (eager) test loss is the compiled one's, up to the sampled z
+    test = T.evaluate(vae, small_load("shapes", subset=64).test.images, 500,
+                      D.Runtime(torch.device("cpu")))
+    assert test["loss"] == pytest.approx(s["test_loss"], rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- run directory
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "rate", "distortion", "val_bpd", "lr",
@@ -472,10 +515,10 @@ def test_free_bits_and_beta_shape_the_objective():
 
     vae.eval()  # fixed BN statistics: the same forward every call
     torch.manual_seed(0)
-    full = T.training_step(vae, vae, x, opt, cfg.train)["grad_norm"]
+    full = float(T.training_step(vae, vae, x, opt, cfg.train)["grad_norm"])
     torch.manual_seed(0)
-    no_kl = T.training_step(vae, vae, x, opt, cfg.train, beta=0.0)["grad_norm"]
+    no_kl = float(T.training_step(vae, vae, x, opt, cfg.train, beta=0.0)["grad_norm"])
     torch.manual_seed(0)
-    free = T.training_step(vae, vae, x, opt, cfg_for(free_bits=1e6).train)["grad_norm"]
+    free = float(T.training_step(vae, vae, x, opt, cfg_for(free_bits=1e6).train)["grad_norm"])
     assert no_kl != pytest.approx(full)
     assert free == pytest.approx(no_kl, rel=1e-6)

@@ -292,6 +292,13 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    print(export_run(args.run_dir, args.o, fmt=args.format, which=args.which))
+    return 0
+
+
 def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -308,13 +315,16 @@ def _positive(text: str) -> int:
 
 def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR",
-                   help="a run directory, or a .safetensors file written by resvae")
+                   help="a run directory, a folder written by `resvae export`, or a "
+                        ".safetensors file written by resvae")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     """The `resvae` parser; `preset` (the --preset of the command line being parsed) makes the
     config flags' help show that preset's values as their defaults."""
+    from .export import FORMATS  # (the export formats: where they are implemented)
+
     presets = ", ".join(preset_names())
     p = _Parser(
         prog="resvae", description="VAEs with deep residual encoders/decoders: train and measure.",
@@ -436,6 +446,20 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     ip.add_argument("-o", required=True, metavar="PNG")
     ip.add_argument("--split", default="test", choices=["train", "val", "test"])
     ip.set_defaults(func=cmd_interpolate)
+
+    ex = sub.add_parser("export", help="a saved run as a folder to share, or its decoder as ONNX",
+                        description="--format hub: a folder with config.json and "
+                        "model.safetensors that resvae.load_pretrained, load_run and every "
+                        "RUN_DIR command read, no pickle involved. --format onnx: the decoder "
+                        "(z -> likelihood parameters) with a dynamic batch dimension (extra: "
+                        "onnx).")
+    ex.add_argument("run_dir", metavar="RUN_DIR",
+                    help="a run directory, an exported folder, or a .safetensors file")
+    ex.add_argument("--format", default="hub", choices=FORMATS,
+                    help="hub: a folder (default); onnx: the decoder as one .onnx file")
+    ex.add_argument("-o", required=True, metavar="OUT", help="the folder (hub) or file (onnx)")
+    ex.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

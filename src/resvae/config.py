@@ -177,6 +177,15 @@ class TrainConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm across processes under torchrun")
     sample_every: int = setting(10, "write sample/reconstruction grids every this many epochs, "
                                 "and always at the end; 0 = at the end only", unit="epochs")
+    log_every: int = setting(
+        50, "read the training loss, rate, distortion and gradient norm back from the device "
+        "every this many updates, as means over them, for --tensorboard and callbacks; 0 = "
+        "only the epoch means", unit="updates")
+    tensorboard: bool = setting(False, "write TensorBoard event files into RUN_DIR/tensorboard/ "
+                                "(needs pip install 'resvae[tensorboard]')")
+    compile: bool = setting(False, "torch.compile the model's forward for training and "
+                            "evaluation (on CPU it needs a C compiler); checkpoints load into an "
+                            "uncompiled model")
 
 
 @dataclass
@@ -352,7 +361,7 @@ _POSITIVE = ("depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_
              "max_skips", "max_epochs")
 _NONNEG = ("gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
            "kl_anneal_steps", "free_bits", "grad_clip", "skip_threshold", "patience", "min_delta",
-           "plateau_patience", "min_lr", "seed", "sample_every")
+           "plateau_patience", "min_lr", "seed", "sample_every", "log_every")
 
 
 def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:

@@ -7,6 +7,12 @@
     RUN_DIR/eval.json            `resvae eval` (and the sweep): ELBO and IWAE with standard errors
     RUN_DIR/checkpoints/{last,best}.pt, best.safetensors
     RUN_DIR/samples/epoch_NNNN.png, RUN_DIR/recon/epoch_NNNN.png
+    RUN_DIR/tensorboard/         TensorBoard event files (--tensorboard)
+
+and an exported folder (`resvae export --format hub`), the weights alone with their config:
+
+    DIR/config.json              {"format", "resvae_version", "image_shape", "config"}
+    DIR/model.safetensors        the state dict (its metadata repeats config and image shape)
 
 Every other module asks this one for paths, reads and writes (nanoGPT's single checkpoint dict,
 one loader shared by training, evaluation and sampling).
@@ -25,11 +31,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .config import ConfigError, RunConfig, from_dict, resolve, to_dict
 from .files import atomic_write
 from .vae import VAE, build_from_config
 
 CHECKPOINTS = ("last", "best")
+EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
 
 
 class RunDir:
@@ -46,6 +54,7 @@ class RunDir:
     samples = property(lambda self: self.root / "samples")
     recon = property(lambda self: self.root / "recon")
     safetensors = property(lambda self: self.root / "checkpoints" / "best.safetensors")
+    tensorboard = property(lambda self: self.root / "tensorboard")
 
     def checkpoint(self, which: str = "last") -> Path:
         if which not in CHECKPOINTS:
@@ -177,14 +186,69 @@ def _load_safetensors(path: Path, device) -> tuple[VAE, RunConfig]:
     return vae.eval(), cfg
 
 
+# --- exported folders -----------------------------------------------------------------------
+def is_exported(path: str | os.PathLike) -> bool:
+    """A folder written by `save_pretrained`: config.json and model.safetensors, no checkpoints/."""
+    p = Path(path)
+    return ((p / EXPORTED_WEIGHTS).is_file() and (p / EXPORTED_CONFIG).is_file()
+            and not (p / "checkpoints").exists())
+
+
+def save_pretrained(vae: VAE, cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
+    """Write the folder `load_pretrained` reads: config.json (the run's config, the image shape,
+    the resvae version) and model.safetensors. JSON and safetensors only: no pickle to trust."""
+    out = Path(out_dir)
+    if (out / "checkpoints").exists():
+        raise ValueError(f"{out}: holds a run (checkpoints/); export into another folder")
+    save_weights(vae, cfg, out / EXPORTED_WEIGHTS)
+    write_json(out / EXPORTED_CONFIG, {"format": "resvae", "resvae_version": __version__,
+                                       "image_shape": list(vae.image_shape),
+                                       "config": to_dict(cfg)})
+    return out
+
+
+def _load_exported(path: Path, device) -> tuple[VAE, RunConfig]:
+    meta = read_json(path / EXPORTED_CONFIG)
+    if not isinstance(meta, dict) or meta.get("format") != "resvae" or "config" not in meta:
+        raise ValueError(f"{path / EXPORTED_CONFIG}: not an exported resvae config (no "
+                         "\"format\": \"resvae\" and \"config\")")
+    cfg = from_dict(meta["config"], source=str(path / EXPORTED_CONFIG))
+    try:
+        state = load_file(str(path / EXPORTED_WEIGHTS), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / EXPORTED_WEIGHTS}: not a readable safetensors file ({e})") \
+            from None
+    vae = build_from_config(cfg, tuple(meta["image_shape"])).to(device)
+    vae.load_state_dict(state)
+    return vae.eval(), cfg
+
+
+def load_pretrained(path: str | os.PathLike, device="cpu") -> VAE:
+    """The VAE (eval mode) of a folder written by `resvae export --format hub`
+    (`load_run(path)` gives it with its config)."""
+    path = Path(path)
+    if not is_exported(path):
+        raise FileNotFoundError(f"{path}: not an exported folder (config.json and "
+                                "model.safetensors; `resvae export RUN_DIR -o DIR` writes one; "
+                                "load_run reads run directories)")
+    return _load_exported(path, device)[0]
+
+
 def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> tuple[VAE, RunConfig]:
-    """Rebuild a trained VAE in eval mode: from RUN_DIR/checkpoints/<which>.pt, or from a
-    `.safetensors` file (RUN_DIR/checkpoints/best.safetensors alone is enough)."""
+    """Rebuild a trained VAE in eval mode: from RUN_DIR/checkpoints/<which>.pt, from a
+    `.safetensors` file (RUN_DIR/checkpoints/best.safetensors alone is enough), or from an
+    exported folder (`resvae export --format hub`)."""
     path = Path(run_dir)
     if path.suffix == ".safetensors":
         return _load_safetensors(path, device)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a run directory or a .safetensors file")
+        raise FileNotFoundError(f"{path}: not a run directory, an exported folder or a "
+                                ".safetensors file")
+    if is_exported(path):
+        if which != "best":
+            raise ValueError(f"{path}: an exported folder holds one set of weights (those of "
+                             f"the checkpoint it was exported from), not {which!r}")
+        return _load_exported(path, device)
     run = RunDir(path)
     ckpt = run.checkpoint(which)
     if not ckpt.exists() and which == "best" and run.safetensors.exists():
@@ -224,6 +288,7 @@ def check_fresh(run_dir) -> None:
                           "continue it, or choose another --out")
 
 
-__all__ = ["RunDir", "load_run", "load_checkpoint", "save_checkpoint", "save_weights",
+__all__ = ["RunDir", "load_run", "load_pretrained", "save_pretrained", "is_exported",
+           "load_checkpoint", "save_checkpoint", "save_weights",
            "read_metrics", "read_summary", "read_config", "read_json", "write_json",
            "append_metrics", "keep_metrics", "is_finished", "resume_config", "check_fresh"]

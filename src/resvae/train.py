@@ -25,6 +25,7 @@ import torch
 
 from . import __version__
 from . import distributed as D
+from .callbacks import TensorBoard, notify, summary_writer
 from .config import RunConfig, parse_budget, save_json, to_dict
 from .data import Splits, iterate_batches, load_dataset, num_batches, to_input
 from .evaluate import evaluate
@@ -91,7 +92,11 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
                   opt: torch.optim.Optimizer, cfg, *, beta: float = 1.0,
                   autocast=contextlib.nullcontext, rt: D.Runtime | None = None) -> dict:
     """One update. A non-finite loss or gradient norm (or one above `skip_threshold`) skips the
-    update instead of poisoning the weights (VDVAE's guard); the caller counts skips."""
+    update instead of poisoning the weights (VDVAE's guard); the caller counts skips.
+
+    Returns the batch means of `loss`, `rate`, `distortion` and the `grad_norm` as 0-d tensors
+    on the device (the caller sums them there and reads them back only now and then), and
+    `skipped`, the one value the host needs every step."""
     opt.zero_grad(set_to_none=True)
     saved = [b.detach().clone() for b in vae.buffers()]  # BN running stats, restored on a skip
     with autocast():
@@ -103,9 +108,10 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     objective.backward()
     norm = torch.nn.utils.clip_grad_norm_(
         vae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    ok = bool(torch.isfinite(objective)) and bool(torch.isfinite(norm))
-    if cfg.skip_threshold > 0 and ok:
-        ok = float(norm) < cfg.skip_threshold
+    ok = torch.isfinite(objective) & torch.isfinite(norm)
+    if cfg.skip_threshold > 0:  # compared in float64, as a Python float would be
+        ok &= norm.double() < cfg.skip_threshold
+    ok = bool(ok)  # the step's one host sync: whether to update depends on it
     if rt is not None:
         ok = not D.any_rank(not ok, rt)  # every rank skips together
     if ok:
@@ -115,8 +121,8 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
         with torch.no_grad():  # the forward pass already moved the BN running statistics
             for b, s in zip(vae.buffers(), saved):
                 b.copy_(s)
-    stats = {k: out[k].detach().mean().item() for k in ("loss", "rate", "distortion")}
-    return {**stats, "grad_norm": float(norm), "skipped": not ok}
+    stats = {k: out[k].detach().mean() for k in ("loss", "rate", "distortion")}
+    return {**stats, "grad_norm": norm.detach(), "skipped": not ok}
 
 
 def _want_bar() -> bool:
@@ -180,6 +186,19 @@ class TrainState:
             setattr(self, k, ckpt.get(k, getattr(self, k)))
 
 
+STEP_KEYS = ("loss", "rate", "distortion", "grad_norm")  # what training_step sums on the device
+
+
+@dataclass
+class Window:
+    """The per-update numbers (STEP_KEYS) of applied updates since the last log step, summed on
+    the device in float64: reading them back is one sync every `log_every` updates."""
+
+    sums: torch.Tensor
+    n_ok: int = 0
+    skipped: int = 0
+
+
 @dataclass
 class Session:
     """What one invocation works with (runtime, not config: never saved)."""
@@ -196,6 +215,8 @@ class Session:
     budget: float | None = None
     best_weights: dict | None = None
     consecutive_skips: int = 0  # across epoch boundaries: a NaN storm does not reset at one
+    callbacks: list = field(default_factory=list)  # rank 0's; empty on the others
+    window: Window | None = None  # the updates since the last log step
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -211,16 +232,18 @@ class Session:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, resume: bool = False,
-          argv: list | None = None, progress: bool | None = None) -> dict:
+          argv: list | None = None, progress: bool | None = None, callbacks=()) -> dict:
     """Train a VAE as `cfg` says, writing everything into `out_dir`; return the summary.
 
     `data` takes already-loaded splits (else they are loaded as `cfg.data` says). With
     `resume=True`, continue from out_dir/checkpoints/last.pt exactly where it stopped.
+    `callbacks`: objects with any of on_step / on_epoch / on_end, called on rank 0 (see
+    callbacks.py); `--tensorboard` adds one.
     """
     t_start = time.monotonic()
     rt = D.setup(cfg.train.device)
     try:
-        s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, argv, progress)
+        s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, argv, progress, callbacks)
         s.t_start = t_start
         stop_reason = None
         try:
@@ -253,9 +276,11 @@ def _load(cfg: RunConfig, rt: D.Runtime) -> Splits:
 
 
 def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resume: bool,
-           argv, progress) -> tuple[Session, TrainState]:
+           argv, progress, callbacks) -> tuple[Session, TrainState]:
     """Data, model, optimizer and schedules; the checkpoint's state when resuming."""
     tc = cfg.train
+    if tc.tensorboard:
+        summary_writer()  # on every rank, before any work: a missing package is an error now
     data = data if data is not None else _load(cfg, rt)
     torch.manual_seed(tc.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     vae = build_from_config(cfg, tuple(data.train.images.shape[1:])).to(rt.device)
@@ -263,6 +288,10 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         vae = vae.to(memory_format=torch.channels_last)
     model = D.wrap(vae, rt, tc.sync_bn)
     vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
+    if tc.compile:
+        # In place: the forward (training and evaluation, through DDP too) is compiled, while
+        # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
+        vae.compile()
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                            weight_decay=tc.weight_decay)
     state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta))
@@ -270,7 +299,8 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         if tc.precision == "bf16" else contextlib.nullcontext
     s = Session(cfg, rt, run, data, model, autocast,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
-                budget=parse_budget(tc.budget))
+                budget=parse_budget(tc.budget),
+                window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
     if resume:
         state.restore(load_checkpoint(run.checkpoint("last"), map_location=rt.device), cfg, s.log)
         if run.checkpoint("best").exists():
@@ -282,6 +312,11 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         if argv is not None:
             write_json(run.argv, argv)
         keep_metrics(run.root, state.epoch)
+        s.callbacks = list(callbacks)
+        if tc.tensorboard:
+            # events after the checkpoint's step (a crashed run's) are dropped; its own stay
+            s.callbacks.append(TensorBoard(run, cfg, purge_step=state.step + 1 if resume
+                                           else None))
     s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
           f"run dir {run.root}" + (f"; resuming after epoch {state.epoch}" if resume else ""))
@@ -302,7 +337,7 @@ def _batches_per_epoch(s: Session) -> int:
 class Epoch:
     """What one pass of updates produced, for `end_epoch`."""
 
-    sums: np.ndarray  # loss, rate, distortion summed over the updates that were applied
+    sums: torch.Tensor  # loss, rate, distortion summed over the applied updates (float64, device)
     n_ok: int
     skipped: int
     seconds: float
@@ -317,7 +352,8 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     tc, rt, opt = s.cfg.train, s.rt, state.opt
     torch.manual_seed(epoch_seed(tc.seed, state.epoch, rt.rank))
     s.model.train()
-    ep = Epoch(np.zeros(3), 0, 0, 0.0, 0, opt.param_groups[0]["lr"], None)
+    ep = Epoch(torch.zeros(3, dtype=torch.float64, device=rt.device), 0, 0, 0.0, 0,
+               opt.param_groups[0]["lr"], None)
     # peak_lr is what the plateau schedule set; warm-up scales it
     t0 = time.monotonic()
     bar = None
@@ -327,26 +363,36 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     for batch in iterate_batches(s.data.train.images, tc.batch_size, shuffle=True, seed=tc.seed,
                                  epoch=state.epoch, rank=rt.rank, world_size=rt.world_size,
                                  drop_last=True):
+        lr = ep.peak_lr * warmup_factor(state.step, tc.warmup_steps)
         for g in opt.param_groups:
-            g["lr"] = ep.peak_lr * warmup_factor(state.step, tc.warmup_steps)
+            g["lr"] = lr
+        beta = kl_beta(state.step, tc.kl_anneal_steps)
         x = to_input(batch, rt.device, tc.channels_last)
-        out = training_step(s.model, state.vae, x, opt, tc, beta=kl_beta(state.step,
-                            tc.kl_anneal_steps), autocast=s.autocast, rt=rt)
+        out = training_step(s.model, state.vae, x, opt, tc, beta=beta, autocast=s.autocast,
+                            rt=rt)
         state.step += 1
         ep.images += x.shape[0] * rt.world_size
         if out["skipped"]:
             ep.skipped, s.consecutive_skips = ep.skipped + 1, s.consecutive_skips + 1
+            s.window.skipped += 1
             if s.consecutive_skips > tc.max_skips:
                 ep.stop_reason = "non_finite"
                 break
         else:
             s.consecutive_skips, ep.n_ok = 0, ep.n_ok + 1
-            ep.sums += [out["loss"], out["rate"], out["distortion"]]
+            # summed on the device, no sync: float32 batch means added in float64
+            values = torch.stack([out[k].double() for k in STEP_KEYS])
+            ep.sums += values[:3]
+            s.window.sums += values
+            s.window.n_ok += 1
+        if tc.log_every > 0 and state.step % tc.log_every == 0:
+            stats = log_step(s, state, lr=lr, beta=beta)
+            if bar is not None and stats["loss"] is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.1f}", rate=f"{stats['rate']:.1f}",
+                                dist=f"{stats['distortion']:.1f}",
+                                img_s=f"{ep.images / max(time.monotonic() - t0, 1e-9):.0f}",
+                                refresh=False)
         if bar is not None:
-            bar.set_postfix(loss=f"{out['loss']:.1f}", rate=f"{out['rate']:.1f}",
-                            dist=f"{out['distortion']:.1f}",
-                            img_s=f"{ep.images / max(time.monotonic() - t0, 1e-9):.0f}",
-                            refresh=False)
             bar.update()
         if s.over_budget():
             ep.stop_reason = "budget"  # ends this (partial) epoch, then evaluates
@@ -363,12 +409,27 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     return ep
 
 
+def log_step(s: Session, state: TrainState, *, lr: float, beta: float) -> dict:
+    """Read the window's sums back (the one sync in `log_every` updates; summed over ranks) and
+    hand their means to the callbacks; returns them."""
+    w, rt = s.window, s.rt
+    sums = D.all_reduce_sum(w.sums.clone(), rt).tolist()
+    n = w.n_ok * rt.world_size  # ranks skip together: the same n_ok everywhere
+    stats = {**{k: v / n if n else None for k, v in zip(STEP_KEYS, sums)},
+             "lr": lr, "beta": beta, "skipped": w.skipped, "epoch": state.epoch + 1}
+    w.sums.zero_()
+    w.n_ok = w.skipped = 0
+    if rt.is_main:
+        notify(s.callbacks, "on_step", state.step, stats)
+    return stats
+
+
 def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
     """Validate, step the schedules, keep the best weights, write the epoch's record, checkpoint
     and grids; return why the run stops now (None to go on)."""
     tc, rt, vae = s.cfg.train, s.rt, state.vae
     # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
-    means = D.all_reduce_sum(torch.tensor(ep.sums / max(ep.n_ok, 1), device=rt.device), rt)
+    means = D.all_reduce_sum(ep.sums / max(ep.n_ok, 1), rt)  # the epoch's one read-back
     means = (means / rt.world_size).tolist() if ep.n_ok else [None] * 3
     D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
     val = evaluate(vae, s.data.val.images, tc.eval_batch_size, rt, tc.channels_last, s.autocast)
@@ -400,6 +461,7 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
             save_checkpoint(ckpt, s.run.checkpoint("best"))
         if tc.sample_every > 0 and state.epoch % tc.sample_every == 0:
             save_epoch_grids(vae, s.data.val.images, s.run, state.epoch)
+        notify(s.callbacks, "on_epoch", record)
     return stop_reason
 
 
@@ -430,6 +492,7 @@ def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
               f"{state.train_seconds:.0f}s training; best val loss {state.early.best:.2f} "
               f"at epoch {state.best_epoch}; test loss {test['loss']:.2f}"
               + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
+        notify(s.callbacks, "on_end", summary)
     return summary
 
 
@@ -466,5 +529,5 @@ def git_commit() -> str | None:
         return None
 
 
-__all__ = ["train", "TrainState", "train_epoch", "end_epoch", "finish", "training_step",
+__all__ = ["train", "TrainState", "train_epoch", "log_step", "end_epoch", "finish", "training_step",
            "EarlyStopping", "make_plateau", "warmup_factor", "kl_beta"]

@@ -1,0 +1,52 @@
+"""Exports of a trained run (`resvae export`): a folder to share and load without pickle
+(`--format hub`), and the generator alone as ONNX (`--format onnx`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import RunConfig, to_dict
+from .files import atomic_write
+from .runs import load_run, save_pretrained
+from .vae import VAE, eval_mode
+
+FORMATS = ("hub", "onnx")
+
+
+def export_run(run_dir, out, fmt: str = "hub", which: str = "best") -> Path:
+    """`resvae export`: the weights of a run (`which` checkpoint; anything `load_run` reads) as
+    an exported folder (`hub`) or the decoder as an ONNX file (`onnx`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    vae, cfg = load_run(run_dir, which=which)
+    return save_pretrained(vae, cfg, out) if fmt == "hub" else export_onnx(vae, cfg, out)
+
+
+def export_onnx(vae: VAE, cfg: RunConfig, path) -> Path:
+    """The decoder, z (B, latent_dim) -> likelihood parameters (B, P, H, W) as `vae.decode`
+    gives them, as one ONNX file with a dynamic batch dimension. The metadata names the
+    likelihood and holds the config, so a consumer knows how to read the parameters."""
+    try:  # torch's exporter (torch.export-based, the default since 2.9) is built on these
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ValueError("--format onnx needs the onnx and onnxscript packages: "
+                         "pip install 'resvae[onnx]'") from None
+    z = torch.zeros(2, vae.latent_dim, device=next(vae.parameters()).device)
+    with eval_mode(vae.decoder):  # BatchNorm with its running statistics
+        program = torch.onnx.export(
+            vae.decoder, (z,), dynamo=True, input_names=["z"], output_names=["params"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    program.model.metadata_props.update({
+        "resvae_version": __version__, "likelihood": cfg.model.likelihood,
+        "image_shape": json.dumps(list(vae.image_shape)), "config": json.dumps(to_dict(cfg))})
+    path = Path(path)
+    atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
+    return path
+
+
+__all__ = ["FORMATS", "export_run", "export_onnx"]

@@ -1,0 +1,119 @@
+"""`resvae export`: the hub folder (config.json + model.safetensors) loads back bit-exact with no
+pickle involved, through load_pretrained, load_run and the RUN_DIR commands; the ONNX decoder
+gives PyTorch's decoder output under onnxruntime, at any batch size."""
+
+import json
+import pickle
+import sys
+
+import pytest
+import torch
+from conftest import train_small
+
+import resvae
+import resvae.generate as G
+import resvae.runs as R
+from resvae.cli import main
+from resvae.config import resolve, to_dict
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny trained run (2 epochs; best = the better one) shared by the tests here."""
+    out = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESVAE_CACHE", str(out / "cache"))
+        cfg = resolve(preset="tiny", environ={}, overrides={
+            "subset": 64, "batch_size": 16, "device": "cpu", "max_epochs": 2, "sample_every": 0})
+        train_small(cfg, out / "run")
+    return out / "run", cfg
+
+
+def _no_pickle(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("unpickling while loading an exported folder")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+def test_hub_export_round_trip_is_bit_exact(run, tmp_path, monkeypatch, capsys):
+    run_dir, cfg = run
+    out = tmp_path / "hub"
+    assert main(["export", str(run_dir), "--format", "hub", "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta == {"format": "resvae", "resvae_version": resvae.__version__,
+                    "image_shape": [3, 32, 32], "config": to_dict(cfg)}
+
+    original, _ = R.load_run(run_dir)  # checkpoints/best.pt (torch.load, weights only)
+    _no_pickle(monkeypatch)
+    vae = resvae.load_pretrained(out)
+    vae2, cfg2 = resvae.load_run(out)
+    assert cfg2 == cfg and not vae.training and not vae2.training
+    want = original.state_dict()
+    for got in (vae.state_dict(), vae2.state_dict()):
+        assert list(got) == list(want)
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    a = G.samples(original, 20, seed=7)
+    assert torch.equal(G.samples(vae, 20, seed=7), a)
+    assert not torch.equal(G.samples(vae, 20, seed=8), a)  # (the seed matters)
+
+    # every RUN_DIR command takes the folder: the same grid from the run and from the export
+    assert main(["sample", str(out), "-n", "20", "--seed", "3", "-o", str(tmp_path / "x.png")]) == 0
+    monkeypatch.undo()
+    assert main(["sample", str(run_dir), "-n", "20", "--seed", "3",
+                 "-o", str(tmp_path / "y.png")]) == 0
+    assert (tmp_path / "x.png").read_bytes() == (tmp_path / "y.png").read_bytes()
+
+
+def test_hub_export_errors(run, tmp_path, capsys):
+    run_dir, _ = run
+    with pytest.raises(FileNotFoundError, match="not an exported folder"):
+        resvae.load_pretrained(run_dir)
+    assert main(["export", str(run_dir), "-o", str(run_dir)]) == 2  # onto a run: refused
+    assert "holds a run" in capsys.readouterr().err
+    out = tmp_path / "hub"
+    assert main(["export", str(run_dir), "-o", str(out), "--which", "last"]) == 0
+    last = R.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    exported = resvae.load_pretrained(out).state_dict()
+    assert exported.keys() == last.keys()
+    assert all(torch.equal(exported[k], v) for k, v in last.items())
+    with pytest.raises(ValueError, match="one set of weights"):
+        R.load_run(out, which="last")
+
+
+def test_onnx_decoder_matches_pytorch(run, tmp_path, capsys):
+    pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (extra: onnx)")
+    onnx = pytest.importorskip("onnx", reason="extra: onnx")
+    ort = pytest.importorskip("onnxruntime", reason="extra: onnx")
+    run_dir, _ = run
+    path = tmp_path / "decoder.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "-o", str(path)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["decoder.onnx"]  # one file, no side data
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["likelihood"] == "dlogistic" and json.loads(meta["image_shape"]) == [3, 32, 32]
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic: any batch size
+
+    vae, _ = R.load_run(run_dir)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    for b in (1, 5, 17):
+        z = torch.randn(b, vae.latent_dim, generator=gen)
+        (got,) = session.run(None, {"z": z.numpy()})
+        with torch.no_grad():
+            want = vae.decode(z)
+        assert got.shape == tuple(want.shape) == (b, 18, 32, 32)  # 3 x 2 mixtures x 3 channels
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_without_onnxscript_names_the_extra(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    path = tmp_path / "decoder.onnx"
+    assert main(["export", str(run[0]), "--format", "onnx", "-o", str(path)]) == 2
+    assert "pip install 'resvae[onnx]'" in capsys.readouterr().err and not path.exists()
