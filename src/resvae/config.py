@@ -139,6 +139,11 @@ class TrainConfig:
                               "batch is this x processes)", unit="images")
     eval_batch_size: int = setting(500, "images per forward pass in validation and test",
                                    unit="images")
+    bn_recalibrate: int = setting(
+        20, "before each evaluation, recompute BatchNorm's statistics from this many training "
+        "batches with the current weights (precise BN), instead of the running averages, which "
+        "lag behind fast-changing weights (in deep plain nets, by orders of magnitude); 0 = off",
+        unit="batches")
     lr: float = setting(1e-3, "Adam learning rate (after warm-up)")
     betas: list[float] = setting([0.9, 0.999], "Adam's beta1, beta2, each in [0, 1)")
     weight_decay: float = setting(0.0, "Adam's (L2) weight decay")
@@ -361,7 +366,7 @@ _POSITIVE = ("depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_
              "max_skips", "max_epochs")
 _NONNEG = ("gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
            "kl_anneal_steps", "free_bits", "grad_clip", "skip_threshold", "patience", "min_delta",
-           "plateau_patience", "min_lr", "seed", "sample_every", "log_every")
+           "plateau_patience", "min_lr", "seed", "sample_every", "log_every", "bn_recalibrate")
 
 
 def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:

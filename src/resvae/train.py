@@ -28,7 +28,7 @@ from . import distributed as D
 from .callbacks import TensorBoard, notify, summary_writer
 from .config import RunConfig, parse_budget, save_json, to_dict
 from .data import Splits, iterate_batches, load_dataset, num_batches, to_input
-from .evaluate import evaluate
+from .evaluate import evaluate, recalibrate_batchnorm
 from .generate import save_epoch_grids
 from .runs import (
     RunDir,
@@ -431,6 +431,10 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
     # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
     means = D.all_reduce_sum(ep.sums / max(ep.n_ok, 1), rt)  # the epoch's one read-back
     means = (means / rt.world_size).tolist() if ep.n_ok else [None] * 3
+    if tc.bn_recalibrate > 0:
+        recalibrate_batchnorm(vae, s.data.train.images, tc.bn_recalibrate, tc.batch_size,
+                              rt.device, tc.channels_last, s.autocast,
+                              seed=epoch_seed(tc.seed, state.epoch, 0))
     D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
     val = evaluate(vae, s.data.val.images, tc.eval_batch_size, rt, tc.channels_last, s.autocast)
     improved = state.early.step(val["loss"])
