@@ -155,6 +155,11 @@ def run_one(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec, *, data
         train(cfg, run.root, data=data, resume=resume, progress=progress,
               argv=["resvae", "sweep", "(run)", name])
         what = "resumed" if resume else "trained"
+    if not run.checkpoint("best").exists():
+        # trained, but no validation loss was ever finite: nothing to evaluate, and the run's
+        # row must say so rather than show an infinite loss as a result
+        raise RuntimeError("no epoch had a finite validation loss (see its metrics.jsonl), so "
+                           "there are no best weights to evaluate")
     if spec.iwae_k > 0 and (what != "skipped" or not run.eval.exists()):
         eval_run(run.root, k=spec.iwae_k, n=spec.iwae_n, data=data, device=_device(cfg))
     return what
