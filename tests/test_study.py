@@ -58,7 +58,10 @@ def test_sweep_2x2_writes_results_figures_report_and_rerun_trains_nothing(tmp_pa
     for r in rows:
         # equal images per run, by construction: 2 epochs of 64 images in batches of 32
         assert r["images_seen"] == "128" and r["epochs"] == "2" and r["stop_reason"] == "max_epochs"
-        assert float(r["test_iwae_bpd"]) <= float(r["test_bpd"]) + 1e-6
+        ev = json.loads((out / r["name"] / "eval.json").read_text())
+        assert float(r["test_iwae_bpd"]) == pytest.approx(ev["iwae_bpd"])
+        assert ev["iwae_bpd"] <= ev["elbo_bpd"]  # on the same images
+        assert float(r["test_bpd"]) == pytest.approx(read_summary(out / r["name"])["test_bpd"])
         assert int(r["active_units"]) >= 0
     assert {r["layers"] for r in rows} == {"20", "24"}
     md = (out / "results.md").read_text()

@@ -37,6 +37,13 @@ STUDY_NOTE = ("The 2018 study, Table 1: one GTX 1070; loss = 3072 x BCE + KL in 
 COLUMNS = ["name", "depth", "shortcut", "layers", "params", "gflops", "train_time_s", "images_seen",
            "epochs", "stop_reason", "best_epoch", "train_loss", "val_loss", "test_bpd",
            "test_iwae_bpd", "active_units", "status", "error"]
+COLUMN_NOTE = (
+    "Losses are negative ELBOs in nats per image: train loss is the mean over the last epoch "
+    "(train mode), val loss the best epoch's (eval mode). test bpd: the best weights' negative "
+    "ELBO on the whole test split (summary.json); test IWAE bpd: the IWAE bound from eval.json "
+    "(k importance samples on n evenly spaced test images, with the ELBO on those same images "
+    "beside it there). Train time is training alone and depends on the machine's speed and load; "
+    "images and losses do not.")
 FIGURES = ["curves", "loss_vs_depth", "degradation"]  # the HTML page embeds these...
 # ...and shows each run's own grid; `samples.png` puts the runs' grids on one labelled figure
 
@@ -80,8 +87,9 @@ def _run_row(run_dir: Path, entry: dict | None) -> dict:
     model = vars(runs.read_config(run_dir).model) if run.config.exists() else {}
     summary, ev = _read_optional(run.summary), _read_optional(run.eval)
     flops = summary.get("flops_per_image")
-    # eval.json is the more careful measurement (its own pass, with SEs), so it wins over summary's
-    test_bpd = ev.get("elbo_bpd") if "elbo_bpd" in ev else summary.get("test_bpd")
+    # the ELBO on the whole test split (summary.json); eval.json's IWAE may cover fewer images
+    # (`--iwae-n`), and its ELBO on those same images stays in eval.json
+    test_bpd = summary.get("test_bpd")
     status = entry.get("status") or ("done" if summary else "incomplete")
     return {"name": entry.get("name", run_dir.name),
             "depth": model.get("depth", entry.get("depth")),
@@ -171,7 +179,7 @@ def write_results(sweep_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
             w.writeheader()
             w.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in rows)
 
-    md = (f"# Results: {sweep_dir.name}\n\n{format_table(rows)}\n"
+    md = (f"# Results: {sweep_dir.name}\n\n{format_table(rows)}\n{COLUMN_NOTE}\n\n"
           f"## The 2018 study\n\n{STUDY_NOTE}\n\n{format_study_table()}")
     atomic_write(paths["csv"], write_csv)
     atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
@@ -434,9 +442,7 @@ def write_html(sweep_dir: str | Path, out_path: str | Path, rows: list[dict] | N
 Generated {html.escape(now)}.</p>
 <h2>Results</h2>
 {_results_html(rows)}
-<p class="note">Losses are the negative ELBO in nats per image under each run's likelihood: train
-is the last epoch's mean, val the best epoch's. Test bpd is the ELBO in bits/dim (eval.json when
-present, else the end-of-training test pass); IWAE bpd and active units come from eval.json.</p>
+<p class="note">{html.escape(COLUMN_NOTE)}</p>
 {_errors_html(rows)}<h2>The 2018 study, Table 1</h2>
 {_study_html()}
 <p class="note">{html.escape(STUDY_NOTE)}</p>
