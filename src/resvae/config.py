@@ -53,6 +53,9 @@ class ModelConfig:
     gaussian_std: float = 0.0  # >0 fixed std; 0 learned per pixel
     # L2 penalty on the latent mean / log-variance layers (the study: 0.01, 0.1)
     latent_l2: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # arch "hier" only: latent groups (stochastic layers) in its top-down decoder; there latent_dim
+    # is the channels of one group. study/resnet have one latent layer and keep the default.
+    stochastic_layers: int = 4
 
 
 @dataclass
@@ -288,6 +291,10 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v["device"]) is not None,
          "auto, cpu, cuda, cuda:N or mps"),
         ("budget", _budget_ok(v["budget"]), "'' or a positive duration like '90s', '10m', '1h30m'"),
+        ("stochastic_layers", v["stochastic_layers"] >= 1, "a positive integer"),
+        ("stochastic_layers", v["arch"] == "hier" or v["stochastic_layers"] == _FIELDS[
+            "stochastic_layers"][2], f"its default {_FIELDS['stochastic_layers'][2]} with arch "
+         f"{v['arch']!r} (only arch 'hier' has several stochastic layers)"),
     ]
     for key, ok, expected in checks:
         if not ok:
