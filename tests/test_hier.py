@@ -5,6 +5,7 @@ eval / sample / reconstruct / interpolate on the run)."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from resvae.evaluate import active_units, eval_run
 from resvae.generate import interpolate_run, interpolations, reconstruct_run, sample_run
 from resvae.hier import HierVAE, LatentGroup, hier_layout, level_sizes
 from resvae.nets import count_layers
+from resvae.sweep import load_sweep_file
 from resvae.vae import model_info
 
 
@@ -296,6 +298,18 @@ def test_train_end_to_end_then_eval_and_images(small_runs, tmp_path):
                          ("r.png", reconstruct_run, {"n": 10}),
                          ("i.png", interpolate_run, {"pairs": 2, "steps": 3})]:
         assert fn(tmp_path / "run", tmp_path / path, **kw).stat().st_size > 0
+
+
+def test_preset_and_gpu_sweep_are_valid():
+    vae = T.build_from_config(resolve(preset="hier-cpu", environ={}), (3, 32, 32))
+    info = model_info(vae)
+    assert (info["layers"], info["params"], vae.n_groups) == (40, 822_644, 10)
+    spec = load_sweep_file(Path(__file__).resolve().parents[1] / "sweeps" / "hier-gpu.toml")
+    assert len(spec.points()) == 12
+    for point in spec.points():  # every grid point is a reachable depth (building them is slow)
+        m = resolve(preset=spec.preset, environ={}, overrides={**spec.fixed, **point}).model
+        layout = hier_layout(m.depth, m.stochastic_layers, m.block)
+        assert sum(layout["groups"]) == point["stochastic_layers"]
 
 
 def test_cli_info_hier(capsys):
