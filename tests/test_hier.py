@@ -323,6 +323,26 @@ def test_cli_info_hier(capsys):
     assert "nearest valid: 28 or 31" in capsys.readouterr().err
 
 
+def test_init_vdvae_scaling_and_zero_init_residual():
+    vae = tiny(depth=31)  # 3 encoder blocks, 4 decoder blocks
+    plain = tiny(depth=31, zero_init_residual=True)
+    blocks = [m for m in vae.decoder.modules() if hasattr(m, "zero_init_last")]
+    groups = [m for m in vae.decoder.modules() if isinstance(m, LatentGroup)]
+    assert len(blocks) == 4 and len(groups) == 4
+    # prior heads start at zero: p = N(0, I) and no state update
+    assert all(g.prior[1].weight.abs().sum() == 0 for g in groups)
+    # zero_init_residual: every block's branch and every z projection start at zero, so at init
+    # the samples cannot depend on z (nor blocks change the state)
+    assert all(b.conv3.weight.abs().sum() == 0 for b in
+               [m for m in plain.modules() if hasattr(m, "zero_init_last")])
+    assert all(g.z_proj.weight.abs().sum() == 0 for g in plain.decoder.modules()
+               if isinstance(g, LatentGroup))
+    a, b = (plain.sample(2, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert torch.equal(a, b)
+    a, b = (vae.sample(2, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert not torch.equal(a, b)
+
+
 def test_no_batchnorm_anywhere():
     # BatchNorm statistics of the posterior pass would not fit the prior pass of sampling.
     vae = tiny()
