@@ -240,6 +240,7 @@ def test_recalibration_repairs_drifted_batchnorm_statistics(trained):
     # What a deep plain net does to running averages (eval loss off by orders of magnitude),
     # forced here by corrupting them; precise BN puts eval mode back next to train mode.
     import conftest
+
     from resvae.evaluate import recalibrate_batchnorm
     vae, _ = load_run(trained)
     images = conftest.small_load("shapes", subset=256).train.images

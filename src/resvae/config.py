@@ -63,7 +63,9 @@ class ModelConfig:
         "study", "network family", choices=CHOICES["arch"], choice_help={
             "study": "the 2018 study's layout (Keras ResNet-50 bottleneck stages); "
                      "depth 28, 40, 70 or 100 only",
-            "resnet": "efficient family, any reachable depth (see --depth)"})
+            "resnet": "efficient family, any reachable depth (see --depth)",
+            "hier": "hierarchical VAE (VDVAE/NVAE style): a bottom-up residual encoder and a "
+                    "top-down decoder with --stochastic-layers latent groups at 1 to 16 pixels"})
     depth: int = setting(
         28, "weight layers on the longest path, encoder + decoder (see README: depth "
         "convention). study: 28, 40, 70, 100. resnet: 4 + 2 x (layers per block) x B with B >= 4 "
@@ -107,6 +109,10 @@ class ModelConfig:
     latent_l2: list[float] = setting(
         [0.0, 0.0], "L2 penalty on the latent mean / log-variance layers' weights, added to the "
         "training loss (the study: 0.01, 0.1)", unit="coefficients (mean, log-variance)")
+    stochastic_layers: int = setting(
+        4, "arch hier only: latent groups (stochastic layers) in its top-down decoder, where "
+        "--latent-dim is the channels of one group; study and resnet have one latent layer and "
+        "keep the default", unit="groups")
 
 
 @dataclass
@@ -395,6 +401,10 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v["device"]) is not None,
          "auto, cpu, cuda, cuda:N or mps"),
         ("budget", _budget_ok(v["budget"]), "'' or a positive duration like '90s', '10m', '1h30m'"),
+        ("stochastic_layers", v["stochastic_layers"] >= 1, "a positive integer"),
+        ("stochastic_layers", v["arch"] == "hier" or v["stochastic_layers"] == _FIELDS[
+            "stochastic_layers"][2], f"its default {_FIELDS['stochastic_layers'][2]} with arch "
+         f"{v['arch']!r} (only arch 'hier' has several stochastic layers)"),
     ]
     for key, ok, expected in checks:
         if not ok:

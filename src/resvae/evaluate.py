@@ -119,13 +119,21 @@ def elbo_and_iwae(vae: VAE, images: np.ndarray, k: int, *, batch_size: int = 8,
 def active_units(vae: VAE, images: np.ndarray, *, batch_size: int = 500, device="cpu",
                  threshold: float = 0.01) -> int:
     """Latent dimensions whose posterior mean varies over the data: Var_x E_q[z_i|x] > 0.01
-    (Burda et al. 2016). The rest carry no information about x (posterior collapse)."""
-    means = []
+    (Burda et al. 2016). The rest carry no information about x (posterior collapse).
+
+    The variance is accumulated batch by batch (Chan et al. 1979), so memory stays one batch of
+    codes: a hierarchical VAE's code has tens of thousands of units per image."""
+    n, mean, m2 = 0, 0.0, 0.0
     with eval_mode(vae):
         for start in range(0, len(images), batch_size):
             x = to_input(torch.from_numpy(images[start:start + batch_size]), device, False)
-            means.append(vae.encode(x)[0].double().cpu())
-    return int((torch.cat(means).var(dim=0, unbiased=True) > threshold).sum())
+            z = vae.encode(x)[0].double().cpu()
+            b, z_mean = len(z), z.mean(0)
+            delta = z_mean - mean
+            mean = mean + delta * b / (n + b)
+            m2 = m2 + (z - z_mean).square().sum(0) + delta.square() * n * b / (n + b)
+            n += b
+    return int((m2 / (n - 1) > threshold).sum())
 
 
 def load_run_data(cfg: RunConfig) -> Splits:

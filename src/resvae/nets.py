@@ -14,6 +14,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from .blocks import BLOCKS, Bottleneck, init_weights, make_stage, residual_scale_
+from .hier import hier_nets
 
 # The study (Keras ResNet50 conv_block/identity_block filters) and its identity blocks per stage.
 STUDY_FILTERS = ((64, 64, 256), (128, 128, 512), (256, 256, 1024), (512, 512, 2048))
@@ -74,11 +75,17 @@ def bottom_size(image_size: int) -> int:
     return s
 
 
+# Off the main path: a shortcut runs beside its block, and a latent group's prior head (arch
+# "hier") beside its posterior head (z comes from one or the other), so neither adds depth.
+OFF_PATH = ("shortcut", "prior")
+
+
 def count_layers(module: nn.Module) -> int:
-    """Weight layers on the main path: convs and linears that are not inside a shortcut."""
+    """Weight layers on the main path: convs and linears that are not inside a shortcut (or a
+    hierarchical VAE's prior head)."""
     return sum(1 for name, m in module.named_modules()
                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
-               and "shortcut" not in name.split("."))
+               and not set(OFF_PATH) & set(name.split(".")))
 
 
 def _ch(c: int, width: float) -> int:
@@ -201,5 +208,5 @@ def _finish_init(net: nn.Module, zero_init_residual: bool) -> None:
                 m.zero_init_last()
 
 
-ARCHS = {"study": study_nets, "resnet": resnet_nets}
+ARCHS = {"study": study_nets, "resnet": resnet_nets, "hier": hier_nets}
 

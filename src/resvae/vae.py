@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ModelConfig, RunConfig, validate
+from .hier import HierVAE
 from .likelihoods import Likelihood, bits_per_dim, make_likelihood
 from .nets import ARCHS, count_layers
 
@@ -137,10 +138,14 @@ def build_vae(config: ModelConfig | None = None, *, channels: int = 3, image_siz
                   image_size=image_size, out_channels=lik.n_params(channels),
                   shortcut=cfg.shortcut, preact=cfg.preact, upsample=cfg.upsample,
                   zero_init_residual=cfg.zero_init_residual, latent_l2=tuple(cfg.latent_l2))
-    if cfg.arch == "resnet":
+    if cfg.arch in ("resnet", "hier"):
         kwargs["block"] = cfg.block
+    if cfg.arch == "hier":
+        kwargs["stochastic_layers"] = cfg.stochastic_layers
     encoder, decoder = ARCHS[cfg.arch](cfg.depth, **kwargs)
-    return VAE(encoder, decoder, lik, (channels, image_size, image_size))
+    # latent groups need their own ELBO, IWAE and sampling (hier.py)
+    vae_class = HierVAE if cfg.arch == "hier" else VAE
+    return vae_class(encoder, decoder, lik, (channels, image_size, image_size))
 
 
 def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> VAE:
@@ -163,13 +168,15 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def model_info(vae: VAE) -> dict:
-    """Layers (by the depth convention), parameters, and forward FLOPs per image."""
+def model_info(vae: VAE | HierVAE) -> dict:
+    """Layers (by the depth convention), parameters, and forward FLOPs per image (one negative
+    ELBO: encoder, a posterior sample, decoder; only convs and matmuls count)."""
     enc = sum(p.numel() for p in vae.encoder.parameters())
     dec = sum(p.numel() for p in vae.decoder.parameters())
     x = torch.rand(1, *vae.image_shape, device=vae._device())
+    # vae(x), not decode(encode(x)): a hierarchical encode already runs the top-down pass.
     with eval_mode(vae), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        vae.decode(vae.encode(x)[0])
+        vae(x)
     return {"layers": count_layers(vae.encoder) + count_layers(vae.decoder),
             "encoder_params": enc, "decoder_params": dec, "params": enc + dec,
             "flops": int(counter.get_total_flops())}
