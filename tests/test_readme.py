@@ -11,7 +11,8 @@ import pytest
 
 from resvae.cli import main
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def test_readme_info_table_is_what_resvae_info_prints(capsys):
@@ -45,3 +46,12 @@ def test_readme_mlflow_callback_example_runs(tmp_path, monkeypatch):
     assert {"train_loss", "val_loss", "val_bpd"} <= set(logged[0][1])
     summary = json.loads((tmp_path / "runs" / "mlflow" / "summary.json").read_text())
     assert logged[-1][1] == {"test_loss": summary["test_loss"]}
+
+
+@pytest.mark.parametrize("sweep", ["sweep-cpu-depth", "sweep-study-narrow"])
+def test_readme_sweep_tables_are_the_sweeps_own_results(sweep):
+    # The README's tables are copies of the results.md the sweep wrote (kept in docs/ beside
+    # its figures), not numbers typed in by hand.
+    results = (ROOT / "docs" / sweep / "results.md").read_text()
+    table = results.split("\n\n")[1].strip()
+    assert table.count("\n") >= 5 and table in README
