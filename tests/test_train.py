@@ -366,7 +366,10 @@ def test_compiled_run_loads_into_an_uncompiled_model(tmp_path):
     torch._dynamo.reset()
     counters.clear()
     run = tmp_path / "run"
-    cfg = cfg_for(compile=True, batch_size=16, sample_every=0)
+    # bn_recalibrate 0: with BatchNorm statistics recomputed for the final weights, this barely
+    # trained model's loss depends on the sampled z by ~1%, and the two test passes below draw
+    # different z; with the running averages it does not, so the comparison stays at 1e-3
+    cfg = cfg_for(compile=True, batch_size=16, sample_every=0, bn_recalibrate=0)
     s = train_small(cfg, run)
     assert counters["stats"]["unique_graphs"] >= 2  # the forward in train and in eval mode
     assert s["stop_reason"] == "max_epochs" and s["skipped_updates"] == 0

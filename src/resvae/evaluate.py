@@ -72,8 +72,10 @@ def recalibrate_batchnorm(vae: VAE, images: np.ndarray, batches: int, batch_size
     try:
         for start in range(0, n, batch_size):
             with autocast():
-                vae(to_input(torch.from_numpy(pick[start:start + batch_size]), device,
-                             channels_last))
+                # vae.forward, not vae(...): under --compile the compiled graph was traced with
+                # the training momentum and must not be reused (or retraced) for this pass
+                vae.forward(to_input(torch.from_numpy(pick[start:start + batch_size]), device,
+                                     channels_last))
     finally:
         vae.train(was_training)
         for m, momentum in zip(bns, momenta):
