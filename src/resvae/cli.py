@@ -264,8 +264,10 @@ def cmd_eval(args) -> int:
         if r["elbo_bpd"] is not None:
             line += f" = {r[name + '_bpd']:.4f} +- {r[name + '_bpd_se']:.4f} bits/dim"
         print(line)
-    print(f"{'active units':>15}: {r['active_units']} of {r['latent_dim']}  "
-          f"({r['split']} split, {r['n_images']} images; lower is better, {unit})")
+    print(f"{'active units':>15}: {r['active_units']} of {r['latent_dim']} (posterior mean "
+          f"varies over the data)")
+    print(f"({r['split']} split, {r['n_images']} images; losses: lower is better, {unit} "
+          "per image / dimension)")
     return 0
 
 
