@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .config import RunConfig
-from .data import Splits, load_dataset, to_input
+from .data import Splits, to_input
 from .likelihoods import bits_per_dim
 from .runs import RunDir, load_run, write_json
 from .vae import VAE, eval_mode
@@ -138,14 +137,6 @@ def active_units(vae: VAE, images: np.ndarray, *, batch_size: int = 500, device=
     return int((m2 / (n - 1) > threshold).sum())
 
 
-def load_run_data(cfg: RunConfig) -> Splits:
-    """The splits a run was trained and validated on (never downloads)."""
-    dc = cfg.data
-    return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
-                        subset=dc.subset, val_fraction=dc.val_fraction, download=False,
-                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
-
-
 def eval_run(run_dir: str | Path, *, k: int = 1000, split: str = "test", n: int = 0,
              which: str = "best", batch_size: int = 8, device="cpu", seed: int = 0,
              data: Splits | None = None, write: bool = True) -> dict:
@@ -157,7 +148,10 @@ def eval_run(run_dir: str | Path, *, k: int = 1000, split: str = "test", n: int 
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     vae, cfg = load_run(run_dir, which=which, device=device)
-    images = getattr(data if data is not None else load_run_data(cfg), split).images
+    if data is None:
+        from .train import load_splits  # (train imports this module)
+        data = load_splits(cfg)
+    images = getattr(data, split).images
     if n > 0:
         # evenly spaced, not the first n: test splits are often sorted by class
         images = images[np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)]

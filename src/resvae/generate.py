@@ -81,8 +81,8 @@ def save_epoch_grids(vae: VAE, val_images: np.ndarray, run: RunDir, epoch: int) 
 
 
 def _run_images(cfg, split: str) -> np.ndarray:
-    from .evaluate import load_run_data
-    return getattr(load_run_data(cfg), split).images
+    from .train import load_splits  # (train imports this module)
+    return getattr(load_splits(cfg), split).images
 
 
 def _checked(n: int, what: str) -> int:

@@ -262,17 +262,20 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
         D.teardown(rt)
 
 
+def load_splits(cfg: RunConfig, *, download: bool = False) -> Splits:
+    """The train/val/test splits `cfg.data` describes: what a run trains, validates and tests on
+    (also for evaluating and sampling a saved run, which never download)."""
+    dc = cfg.data
+    return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
+                        subset=dc.subset, val_fraction=dc.val_fraction, download=download,
+                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
+
+
 def _load(cfg: RunConfig, rt: D.Runtime) -> Splits:
     # rank 0 decodes and fills the cache first, the others then read it
-    dc = cfg.data
-
-    def load():
-        return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
-                            subset=dc.subset, val_fraction=dc.val_fraction, download=dc.download,
-                            pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
-    data = load() if rt.is_main else None
+    data = load_splits(cfg, download=cfg.data.download) if rt.is_main else None
     D.barrier(rt)
-    return data or load()
+    return data or load_splits(cfg, download=cfg.data.download)
 
 
 def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resume: bool,
