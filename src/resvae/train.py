@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import __version__
 from . import distributed as D
@@ -33,6 +34,7 @@ from .generate import save_epoch_grids
 from .runs import (
     RunDir,
     append_metrics,
+    eval_weights,
     keep_metrics,
     load_checkpoint,
     read_metrics,
@@ -67,6 +69,11 @@ class EarlyStopping:
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def cosine_factor(progress: float) -> float:
+    """The cosine schedule's lr multiplier at `progress` in [0, 1] of the run (1 -> 0)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def kl_beta(step: int, anneal_steps: int) -> float:
@@ -154,6 +161,7 @@ class TrainState:
     opt: torch.optim.Optimizer
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau
     early: EarlyStopping
+    ema: AveragedModel | None = None  # --ema: the weights that are evaluated and saved
     epoch: int = 0
     step: int = 0
     best_epoch: int = 0
@@ -162,14 +170,24 @@ class TrainState:
     images_seen: int = 0
     COUNTERS = ("epoch", "step", "best_epoch", "skipped_total", "train_seconds", "images_seen")
 
+    @property
+    def eval_vae(self) -> VAE:
+        """The module validation, test, samples and saved weights use."""
+        return self.ema.module if self.ema is not None else self.vae
+
     def checkpoint(self, cfg: RunConfig, image_shape, argv) -> dict:
-        return {"model": self.vae.state_dict(), "optimizer": self.opt.state_dict(),
+        ema = {} if self.ema is None else {"ema": self.ema.module.state_dict(),
+                                           "ema_updates": int(self.ema.n_averaged)}
+        return {"model": self.vae.state_dict(), **ema, "optimizer": self.opt.state_dict(),
                 "plateau": self.plateau.state_dict(), "early": asdict(self.early),
                 **{k: getattr(self, k) for k in self.COUNTERS},
                 "config": to_dict(cfg), "image_shape": list(image_shape), "argv": list(argv or [])}
 
     def restore(self, ckpt: dict, cfg: RunConfig, log) -> None:
         self.vae.load_state_dict(ckpt["model"])
+        if self.ema is not None:  # a run resumed with --ema that had none starts it afresh
+            self.ema.module.load_state_dict(ckpt.get("ema", ckpt["model"]))
+            self.ema.n_averaged.fill_(ckpt.get("ema_updates", 0))
         self.opt.load_state_dict(ckpt["optimizer"])
         # The optimizer's state carries the old hyper-parameters: a changed --lr / --betas /
         # --weight-decay on resume is applied on purpose, not silently dropped.
@@ -291,13 +309,17 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         vae = vae.to(memory_format=torch.channels_last)
     model = D.wrap(vae, rt, tc.sync_bn)
     vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
+    # Copied before compiling: the average is only evaluated (once an epoch), eagerly.
+    ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) \
+        if tc.ema > 0 else None
     if tc.compile:
         # In place: the forward (training and evaluation, through DDP too) is compiled, while
         # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
         vae.compile()
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                            weight_decay=tc.weight_decay)
-    state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta))
+    state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta),
+                       ema)
     autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) \
         if tc.precision == "bf16" else contextlib.nullcontext
     s = Session(cfg, rt, run, data, model, autocast,
@@ -307,7 +329,7 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     if resume:
         state.restore(load_checkpoint(run.checkpoint("last"), map_location=rt.device), cfg, s.log)
         if run.checkpoint("best").exists():
-            s.best_weights = load_checkpoint(run.checkpoint("best"))["model"]
+            s.best_weights = eval_weights(load_checkpoint(run.checkpoint("best")))
     git_commit()  # now, not when the run ends (see there)
     if rt.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -346,6 +368,7 @@ class Epoch:
     seconds: float
     images: int
     peak_lr: float
+    last_lr: float
     stop_reason: str | None
 
 
@@ -356,7 +379,7 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     torch.manual_seed(epoch_seed(tc.seed, state.epoch, rt.rank))
     s.model.train()
     ep = Epoch(torch.zeros(3, dtype=torch.float64, device=rt.device), 0, 0, 0.0, 0,
-               opt.param_groups[0]["lr"], None)
+               opt.param_groups[0]["lr"], opt.param_groups[0]["lr"], None)
     # peak_lr is what the plateau schedule set; warm-up scales it
     t0 = time.monotonic()
     bar = None
@@ -367,13 +390,17 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
                                  epoch=state.epoch, rank=rt.rank, world_size=rt.world_size,
                                  drop_last=True):
         lr = ep.peak_lr * warmup_factor(state.step, tc.warmup_steps)
+        lr *= schedule_factor(s, state)
         for g in opt.param_groups:
             g["lr"] = lr
+        ep.last_lr = lr
         beta = kl_beta(state.step, tc.kl_anneal_steps)
         x = to_input(batch, rt.device, tc.channels_last)
         out = training_step(s.model, state.vae, x, opt, tc, beta=beta, autocast=s.autocast,
                             rt=rt)
         state.step += 1
+        if state.ema is not None and not out["skipped"]:
+            state.ema.update_parameters(state.vae)
         ep.images += x.shape[0] * rt.world_size
         if out["skipped"]:
             ep.skipped, s.consecutive_skips = ep.skipped + 1, s.consecutive_skips + 1
@@ -412,6 +439,16 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     return ep
 
 
+def schedule_factor(s: Session, state: TrainState) -> float:
+    """--lr-schedule's multiplier now: cosine over the budget's wall time when there is one (the
+    schedule then ends annealed however fast the machine is), else over --max-epochs' updates."""
+    if s.cfg.train.lr_schedule == "constant":
+        return 1.0
+    if s.budget is not None:
+        return cosine_factor((time.monotonic() - s.t_start) / s.budget)
+    return cosine_factor(state.step / (s.cfg.train.max_epochs * _batches_per_epoch(s)))
+
+
 def log_step(s: Session, state: TrainState, *, lr: float, beta: float) -> dict:
     """Read the window's sums back (the one sync in `log_every` updates; summed over ranks) and
     hand their means to the callbacks; returns them."""
@@ -430,7 +467,7 @@ def log_step(s: Session, state: TrainState, *, lr: float, beta: float) -> dict:
 def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
     """Validate, step the schedules, keep the best weights, write the epoch's record, checkpoint
     and grids; return why the run stops now (None to go on)."""
-    tc, rt, vae = s.cfg.train, s.rt, state.vae
+    tc, rt, vae = s.cfg.train, s.rt, state.eval_vae
     # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
     means = D.all_reduce_sum(ep.sums / max(ep.n_ok, 1), rt)  # the epoch's one read-back
     means = (means / rt.world_size).tolist() if ep.n_ok else [None] * 3
@@ -455,7 +492,7 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
     record = {"epoch": state.epoch, "step": state.step, "train_loss": means[0], "rate": means[1],
               "distortion": means[2], "val_loss": val["loss"], "val_rate": val["rate"],
               "val_distortion": val["distortion"], "val_bpd": val.get("bpd"),
-              "lr": ep.peak_lr, "skipped": ep.skipped, "epoch_seconds": ep.seconds,
+              "lr": ep.last_lr, "skipped": ep.skipped, "epoch_seconds": ep.seconds,
               "images_per_s": ep.images / max(ep.seconds, 1e-9),
               "images_seen": state.images_seen, "train_seconds": state.train_seconds,
               "partial": stop_reason in ("budget", "non_finite")}
@@ -474,7 +511,7 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
 
 def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
     """Final grids, the test ELBO of the best weights, the weights as safetensors, summary.json."""
-    rt, tc, vae, run = s.rt, s.cfg.train, state.vae, s.run
+    rt, tc, vae, run = s.rt, s.cfg.train, state.eval_vae, s.run
     summary = {"stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
                "images_seen": state.images_seen, "training_seconds": state.train_seconds,
                "wall_seconds": time.monotonic() - s.t_start, "best_epoch": state.best_epoch,
