@@ -378,6 +378,7 @@ def _budget_ok(s: str) -> bool:
 # Names users may still type after a rename: each gets an error that names its successor.
 RENAMED = {"arch": {"seed": "study"}}
 RENAMED_PRESETS = {f"seed-{d}": f"study-{d}" for d in (28, 40, 70, 100)}
+RENAMED_PRESETS["hier-cpu"] = "cpu"  # the hierarchical model became the main job
 _POSITIVE = ("depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
              "max_skips", "max_epochs")
 _NONNEG = ("gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",

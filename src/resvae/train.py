@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from . import distributed as D
@@ -74,6 +74,18 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 def cosine_factor(progress: float) -> float:
     """The cosine schedule's lr multiplier at `progress` in [0, 1] of the run (1 -> 0)."""
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def ema_update(decay: float):
+    """AveragedModel's update with TensorFlow's warm-up (ExponentialMovingAverage's num_updates):
+    the decay after n updates is min(decay, (1 + n) / (10 + n)). Without it a 10-minute run's
+    average (decay 0.999, ~2,000 updates) still gives the first, untrained weights about a tenth
+    of its weight: in a trial run its validation loss after one epoch was 8.26 bits/dim against
+    the raw weights' 5.2. Computed on the device: no host sync per step."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+        d = ((1 + n) / (10 + n)).clamp(max=decay)
+        torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
+    return update
 
 
 def kl_beta(step: int, anneal_steps: int) -> float:
@@ -310,7 +322,7 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     model = D.wrap(vae, rt, tc.sync_bn)
     vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
     # Copied before compiling: the average is only evaluated (once an epoch), eagerly.
-    ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) \
+    ema = AveragedModel(vae, multi_avg_fn=ema_update(tc.ema), use_buffers=True) \
         if tc.ema > 0 else None
     if tc.compile:
         # In place: the forward (training and evaluation, through DDP too) is compiled, while
