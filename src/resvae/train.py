@@ -80,8 +80,9 @@ def ema_update(decay: float):
     """AveragedModel's update with TensorFlow's warm-up (ExponentialMovingAverage's num_updates):
     the decay after n updates is min(decay, (1 + n) / (10 + n)). Without it a 10-minute run's
     average (decay 0.999, ~2,000 updates) still gives the first, untrained weights about a tenth
-    of its weight: in a trial run its validation loss after one epoch was 8.26 bits/dim against
-    the raw weights' 5.2. Computed on the device: no host sync per step."""
+    of its weight: in a trial run of the cpu preset without warm-up the average scored 8.26
+    bits/dim after one epoch, where the same recipe's raw weights scored 5.21. Computed on the
+    device: no host sync per step."""
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
         d = ((1 + n) / (10 + n)).clamp(max=decay)
         torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
