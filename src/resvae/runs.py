@@ -145,10 +145,16 @@ def read_history(run_dir) -> list[dict]:
 def start_history(run_dir, record: dict) -> int:
     """Append this invocation's record (no stop yet: a killed invocation keeps none); returns
     its number, 1 for the run's first."""
-    number = len(read_history(run_dir)) + 1
-    with open(RunDir(run_dir).history, "a") as f:
-        f.write(json.dumps({"invocation": number, **record}) + "\n")
+    records = read_history(run_dir)
+    number = len(records) + 1
+    _write_history(run_dir, records + [{"invocation": number, **record}])
     return number
+
+
+def _write_history(run_dir, records: list[dict]) -> None:
+    # rewritten whole and atomically (it is small): a crash never leaves half a record
+    atomic_write(RunDir(run_dir).history,
+                 lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
 def end_history(run_dir, number: int, fields: dict) -> list[dict]:
@@ -157,8 +163,7 @@ def end_history(run_dir, number: int, fields: dict) -> list[dict]:
     for r in records:
         if r.get("invocation") == number:
             r.update(fields)
-    atomic_write(RunDir(run_dir).history,
-                 lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in records)))
+    _write_history(run_dir, records)
     return records
 
 

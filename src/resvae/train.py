@@ -294,10 +294,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
                 stop_reason = end_epoch(s, state, epoch)
             return finish(s, state, stop_reason)
     except Exception as e:
-        if s is not None and rt.is_main and s.invocation:
-            end_history(s.run.root, s.invocation, {
-                "stopped": _now(), "stop_reason": f"error: {type(e).__name__}: {e}"[:300],
-                "wall_seconds": time.monotonic() - t_start})
+        # (a failure to record it, say on a full disk, must not hide the error itself)
+        with contextlib.suppress(OSError, ValueError):
+            if s is not None and rt.is_main and s.invocation:
+                end_history(s.run.root, s.invocation, {
+                    "stopped": _now(), "stop_reason": f"error: {type(e).__name__}: {e}"[:300],
+                    "wall_seconds": time.monotonic() - t_start})
         if rt.ddp:
             print(f"resvae: rank {rt.rank}: the run failed under torchrun ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200] if str(e) else ''}). If another process died "
@@ -379,7 +381,8 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     git_commit()  # now, not when the run ends (see there)
     if rt.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(run.checkpoint("last").parent)
+        for folder in (run.root, run.checkpoint("last").parent):
+            remove_stale_temps(folder)
         save_json(cfg, run.config)
         if argv is not None and not run.argv.exists():  # the command that started the run
             write_json(run.argv, argv)
