@@ -106,18 +106,18 @@ def test_info_and_sweep_help_grouped_too(capsys):
     assert "--max-epochs" in groups["train"] and "_" not in "".join(re.findall(r"--\S+", sweep))
 
 
-@pytest.mark.parametrize("form", [["--preset", "cpu"], ["--preset=cpu"]])
+@pytest.mark.parametrize("form", [["--preset", "resnet-cpu"], ["--preset=resnet-cpu"]])
 def test_preset_on_the_command_line_makes_its_values_the_defaults(capsys, form):
     out = _help(["train", *form], capsys)
-    assert "default: 20 (preset cpu; built-in: 28)" in _flag_block(out, "--depth")
-    assert "default: 0.25 (preset cpu; built-in: 1.0)" in _flag_block(out, "--width")
-    assert "default: dlogistic (preset cpu" in _flag_block(out, "--likelihood")
-    assert "default: 10m (preset cpu" in _flag_block(out, "--budget")
+    assert "default: 20 (preset resnet-cpu; built-in: 28)" in _flag_block(out, "--depth")
+    assert "default: 0.25 (preset resnet-cpu; built-in: 1.0)" in _flag_block(out, "--width")
+    assert "default: dlogistic (preset resnet-cpu" in _flag_block(out, "--likelihood")
+    assert "default: 10m (preset resnet-cpu" in _flag_block(out, "--budget")
     assert _flag_block(out, "--seed").endswith("default: 0")  # not in the preset: built-in
     info = _help(["info", *form], capsys)
-    assert "default: 20 (preset cpu" in _flag_block(info, "--depth")
+    assert "default: 20 (preset resnet-cpu" in _flag_block(info, "--depth")
     sweep = _help(["sweep", *form], capsys)
-    assert "default: 0.25 (preset cpu" in _flag_block(sweep, "--width")
+    assert "default: 0.25 (preset resnet-cpu" in _flag_block(sweep, "--width")
     # a bad preset name still gives help (with built-in defaults); the command reports the name
     out = _help(["train", "--preset", "nope"], capsys)
     assert _flag_block(out, "--depth").endswith("default: 28")

@@ -357,6 +357,14 @@ def test_old_preset_names_name_the_new_ones(depth):
         _resolve(preset=f"seed-{depth}")
 
 
+def test_hier_cpu_preset_names_cpu():
+    # the hierarchical CPU model became the main job; the old `cpu` model is `resnet-cpu`
+    with pytest.raises(ConfigError, match=r"preset 'hier-cpu' was renamed to 'cpu'"):
+        _resolve(preset="hier-cpu")
+    assert _resolve(preset="cpu").model.arch == "hier"
+    assert _resolve(preset="resnet-cpu").model.arch == "resnet"
+
+
 def test_choices_are_the_registries():
     # The config accepts exactly what is implemented: each choice builds, and nothing else passes.
     from resvae.blocks import BLOCKS, SHORTCUTS, UPSAMPLE

@@ -301,7 +301,7 @@ def test_train_end_to_end_then_eval_and_images(small_runs, tmp_path):
 
 
 def test_preset_and_gpu_sweep_are_valid():
-    vae = T.build_from_config(resolve(preset="hier-cpu", environ={}), (3, 32, 32))
+    vae = T.build_from_config(resolve(preset="cpu", environ={}), (3, 32, 32))
     info = model_info(vae)
     # dmol head: 5 components x 10 parameters (dlogistic would be 5 x 9: 822,644)
     assert (info["layers"], info["params"], vae.n_groups) == (40, 823_944, 10)

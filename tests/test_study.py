@@ -118,7 +118,7 @@ def test_sweep_refuses_unequal_comparisons(tmp_path):
         sweep(SweepSpec(grid={"depth": [20]}, preset="tiny", fixed={**TINY, "patience": 3}),
               tmp_path, environ={}, gpus=[], log=lambda *a: None)
     with pytest.raises(ValueError, match="max-epochs"):
-        sweep(SweepSpec(grid={"depth": [20]}, preset="cpu", fixed={"subset": 64}),
+        sweep(SweepSpec(grid={"depth": [20]}, preset="resnet-cpu", fixed={"subset": 64}),
               tmp_path, environ={}, gpus=[], log=lambda *a: None)
     with pytest.raises(ValueError, match="unknown config key 'detph'"):
         sweep(SweepSpec(grid={"detph": [20]}, preset="tiny", fixed=dict(TINY)),

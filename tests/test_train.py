@@ -530,3 +530,44 @@ def test_free_bits_and_beta_shape_the_objective():
     free = float(T.training_step(vae, vae, x, opt, cfg_for(free_bits=1e6).train)["grad_norm"])
     assert no_kl != pytest.approx(full)
     assert free == pytest.approx(no_kl, rel=1e-6)
+
+
+# --- --lr-schedule cosine and --ema ---------------------------------------------------------
+def test_cosine_factor_runs_from_one_to_zero():
+    assert T.cosine_factor(0.0) == 1.0 and T.cosine_factor(0.5) == pytest.approx(0.5)
+    assert T.cosine_factor(1.0) == pytest.approx(0.0, abs=1e-12) == T.cosine_factor(7.0)
+
+
+def test_cosine_schedule_decays_the_lr_over_max_epochs(tmp_path):
+    run = tmp_path / "run"
+    train_small(cfg_for(max_epochs=4, batch_size=16, lr_schedule="cosine", lr=1e-3), run)
+    lrs = [r["lr"] for r in read_metrics(run)]  # the lr of each epoch's last update
+    assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs
+    # 16 updates in all; epoch k ends on update 4k - 1 (0-based)
+    assert lrs == pytest.approx([1e-3 * T.cosine_factor((4 * k - 1) / 16) for k in (1, 2, 3, 4)])
+
+
+def test_cosine_with_a_plateau_schedule_is_refused():
+    from resvae.config import ConfigError
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        cfg_for(lr_schedule="cosine", plateau_patience=3)
+
+
+def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    sa = train_small(cfg_for(max_epochs=2, batch_size=16, ema=0.9), a)
+    ck = R.load_checkpoint(a / "checkpoints" / "last.pt")
+    assert ck["ema_updates"] == sa["steps"] - sa["skipped_updates"]
+    # the average differs from the raw weights, and it is what load_run and the test ELBO use
+    k = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    assert not torch.equal(ck["ema"][k], ck["model"][k])
+    vae, _ = R.load_run(a, which="last")
+    torch.testing.assert_close(vae.state_dict()[k], ck["ema"][k])
+    # resume: the average continues where it stopped
+    train_small(cfg_for(max_epochs=1, batch_size=16, ema=0.9), b)
+    sb = train_small(cfg_for(max_epochs=2, batch_size=16, ema=0.9), b, resume=True)
+    cb = R.load_checkpoint(b / "checkpoints" / "last.pt")
+    assert cb["ema_updates"] == ck["ema_updates"]
+    for name, v in ck["ema"].items():
+        torch.testing.assert_close(cb["ema"][name], v, rtol=1e-6, atol=1e-6, msg=name)
+    assert sb["test_loss"] == pytest.approx(sa["test_loss"], rel=1e-6)

@@ -41,6 +41,7 @@ class ConfigError(ValueError):
 CHOICES = {
     "arch": tuple(ARCHS), "likelihood": tuple(LIKELIHOODS), "block": tuple(BLOCKS),
     "shortcut": SHORTCUTS, "upsample": UPSAMPLE, "precision": ("fp32", "bf16"),
+    "lr_schedule": ("constant", "cosine"),
     "dataset": DATASETS,
 }
 
@@ -187,6 +188,15 @@ class TrainConfig:
     plateau_factor: float = setting(0.5, "ReduceLROnPlateau: multiply the lr by this",
                                     unit="factor in (0, 1)")
     min_lr: float = setting(0.0, "ReduceLROnPlateau: the lr never goes below this")
+    lr_schedule: str = setting(
+        "constant", "learning rate after warm-up", choices=CHOICES["lr_schedule"], choice_help={
+            "constant": "--lr throughout (ReduceLROnPlateau may still cut it)",
+            "cosine": "cosine decay from --lr to 0 over the --budget (by wall time: a 10-minute "
+                      "run ends annealed, whatever the machine's speed), else over --max-epochs"})
+    ema: float = setting(
+        0.0, "keep an exponential moving average of the weights with this decay and use it for "
+        "validation, test, samples and the saved weights (VDVAE: 0.9999); 0 = off",
+        unit="decay in [0, 1)")
     seed: int = setting(0, "seed of the initialisation, data order and held-out split")
     device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     precision: str = setting(
@@ -405,6 +415,7 @@ def _budget_ok(s: str) -> bool:
 # Names users may still type after a rename: each gets an error that names its successor.
 RENAMED = {"arch": {"seed": "study"}}
 RENAMED_PRESETS = {f"seed-{d}": f"study-{d}" for d in (28, 40, 70, 100)}
+RENAMED_PRESETS["hier-cpu"] = "cpu"  # the hierarchical model became the main job
 _POSITIVE = ("depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
              "max_skips", "max_epochs")
 _NONNEG = ("gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
@@ -434,6 +445,9 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         ("betas", len(v["betas"]) == 2 and all(0 <= b < 1 for b in v["betas"]),
          "two numbers in [0, 1)"),
         ("val_fraction", 0 <= v["val_fraction"] < 1, "a number in [0, 1)"),
+        ("ema", 0 <= v["ema"] < 1, "a number in [0, 1)"),
+        ("lr_schedule", v["lr_schedule"] == "constant" or v["plateau_patience"] == 0,
+         "'constant' with --plateau-patience (two schedules would fight over the lr)"),
         ("plateau_factor", 0 < v["plateau_factor"] < 1, "a number in (0, 1)"),
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v["device"]) is not None,
          "auto, cpu, cuda, cuda:N or mps"),

@@ -246,7 +246,10 @@ class TopDown(nn.Module):
                                 z=None if z is None else z[g], temperature=temps[g],
                                 posterior_mean=posterior_mean, generator=generator)
                 stats.append(s)
-        p = self.out(state)
+        # The parameter head runs in float32 under bf16 autocast: bf16 keeps 8 bits of mantissa,
+        # so a dmol mean in [-1, 1] would be rounded to about half a pixel bin (2/255).
+        with torch.autocast(state.device.type, enabled=False):
+            p = self.out(state.float())
         return p[..., :self.image_size, :self.image_size], stats  # odd sizes: 2*ceil(n/2) = n+1
 
 

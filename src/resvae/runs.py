@@ -219,6 +219,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def eval_weights(ckpt: Mapping) -> dict:
+    """The weights a checkpoint's run evaluated and saved: the --ema average when it kept one."""
+    return ckpt.get("ema", ckpt["model"])
+
+
 def _strip_wrappers(key: str) -> str:
     # DDP and torch.compile can wrap each other in either order.
     while key.startswith(("module.", "_orig_mod.")):
@@ -323,7 +328,7 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> t
     state = load_checkpoint(ckpt, map_location=device)
     cfg = from_dict(state["config"], source=str(ckpt))
     vae = build_from_config(cfg, tuple(state["image_shape"])).to(device)
-    vae.load_state_dict(state["model"])
+    vae.load_state_dict(eval_weights(state))
     return vae.eval(), cfg
 
 

@@ -1,6 +1,6 @@
 """Sweeps: the same VAE trained over a grid (depth x shortcut by default), everything else equal.
 
-    resvae sweep --depths 20,52,100,204 --shortcut identity,none --preset cpu --out runs/sweep
+    resvae sweep --depths 20,52,100,204 --shortcut identity,none --preset resnet-cpu --out runs/sweep
     resvae sweep sweeps/cpu-depth.toml
 
 Each grid point is one run directory `SWEEP_DIR/<name>/`, trained by the same `train()` as
