@@ -64,8 +64,10 @@ def assert_same_run(a, b):
         cb = R.load_checkpoint(Path(b) / "checkpoints" / f"{which}.pt")
         assert (ca["epoch"], ca["step"]) == (cb["epoch"], cb["step"]), which
         assert cb["progress"] is None
-        for k, v in ca["model"].items():
-            assert torch.equal(cb["model"][k], v), (which, k)
+        assert ("ema" in ca) == ("ema" in cb)
+        for part in ("model", "ema") if "ema" in ca else ("model",):
+            for k, v in ca[part].items():
+                assert torch.equal(cb[part][k], v), (which, part, k)
         for i, st in ca["optimizer"]["state"].items():
             for k, v in st.items():
                 assert torch.equal(cb["optimizer"]["state"][i][k], v), (which, i, k)
@@ -117,10 +119,11 @@ def test_checkpoints_inside_the_epoch_every_n_steps(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ signals, in this process
 
-def test_sigterm_inside_an_epoch_checkpoints_there_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"ema": 0.9}], ids=["plain", "ema"])
+def test_sigterm_inside_an_epoch_checkpoints_there_and_resume_is_exact(tmp_path, extra):
     a, b = tmp_path / "a", tmp_path / "b"
-    train_small(cfg_for(), a)
-    s = train_small(cfg_for(log_every=1), b, callbacks=[SignalAt(11)])
+    train_small(cfg_for(**extra), a)
+    s = train_small(cfg_for(log_every=1, **extra), b, callbacks=[SignalAt(11)])
     # stopped after update 11 (3 into epoch 2): no test, a checkpoint of exactly that place
     assert s["stop_reason"] == "SIGTERM" and s["test_loss"] is None
     assert (s["epochs"], s["steps"], s["inside_epoch_batches"]) == (1, 11, 3)
@@ -128,7 +131,7 @@ def test_sigterm_inside_an_epoch_checkpoints_there_and_resume_is_exact(tmp_path)
     assert (ckpt["epoch"], ckpt["step"], ckpt["progress"]["batch"]) == (1, 11, 3)
     assert read_json(b / "summary.json")["steps"] == ckpt["step"]  # nothing uncheckpointed
     assert [r["epoch"] for r in records(b)] == [1]  # the cut epoch has no record
-    train_small(cfg_for(), b, resume=True)
+    train_small(cfg_for(**extra), b, resume=True)
     assert_same_run(a, b)
 
 
