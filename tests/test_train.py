@@ -211,7 +211,7 @@ def test_non_finite_stops_run_and_cli_exit_code_3(tmp_path, monkeypatch, capsys)
     assert s["epochs"] == 2 and s["steps"] == 4 and s["skipped_updates"] == 4
     recs = read_metrics(tmp_path / "run")
     assert [r["skipped"] for r in recs] == [2, 2]
-    assert recs[-1]["partial"] is True
+    assert recs[-1]["partial"] is False  # every batch of epoch 2 ran (and was skipped)
     assert "non-finite" in capsys.readouterr().err
 
     rc = main(["train", "--preset", "tiny", "--out", str(tmp_path / "cli"), "--subset", "64",
@@ -451,9 +451,14 @@ def test_budget_stops_the_run(tmp_path):
     cfg = cfg_for(budget="1s", subset=1024, max_epochs=5, sample_every=0)
     s = train_small(cfg, tmp_path / "run")
     assert s["stop_reason"] == "budget"
-    assert s["epochs"] == 1 and 0 < s["steps"] < 1024 // 32  # stopped inside epoch 1
+    # stopped inside epoch 1: no epoch ended; the steps done are in a checkpoint of that place
+    assert s["epochs"] == 0 and 0 < s["steps"] == s["inside_epoch_batches"] < 1024 // 32
     recs = read_metrics(tmp_path / "run")
     assert len(recs) == 1 and recs[0]["partial"] is True and math.isfinite(recs[0]["val_loss"])
+    assert s["best_val_loss"] == recs[0]["val_loss"]  # stands in while no epoch has ended
+    last = R.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 0 and last["step"] == s["steps"]
+    assert last["progress"]["batch"] == s["steps"]
     assert (tmp_path / "run" / "summary.json").exists()
 
 

@@ -110,7 +110,8 @@ def _metavar(key: str) -> str:
         return "{" + ",".join(choices) + "}"
     if typing.get_origin(typ) is list:
         return typing.get_args(typ)[0].__name__.upper() + ",..."
-    return {"budget": "DURATION", "data_dir": "PATH", "device": "DEVICE"}.get(
+    return {"budget": "DURATION", "ddp_timeout": "DURATION", "checkpoint_every": "EVERY",
+            "data_dir": "PATH", "device": "DEVICE"}.get(
         key, typ.__name__.upper())
 
 
@@ -174,14 +175,20 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     from .runs import check_fresh, resume_config
+    from .stops import exit_status
     from .train import train
 
     overrides = {k: getattr(args, k) for k in fields_flat()}
+    if args.resume_from and not args.resume:
+        raise ConfigError("--resume-from picks the checkpoint of a --resume RUN_DIR; give "
+                          "--resume too")
+    resume_from = args.resume_from or "last"
     if args.resume:
         if args.preset or args.config:
             raise ConfigError("--resume takes its config from the run directory; "
                               "drop --preset/--config")
-        cfg, out = resume_config(args.resume, os.environ, overrides), Path(args.resume)
+        cfg = resume_config(args.resume, os.environ, overrides, resume_from=resume_from)
+        out = Path(args.resume)
     else:
         cfg = resolve(preset=args.preset, config_file=args.config, environ=os.environ,
                       overrides=overrides)
@@ -192,7 +199,9 @@ def cmd_train(args) -> int:
         return 0
     if not args.resume:
         check_fresh(out)
-    summary = train(cfg, out, resume=bool(args.resume), argv=args.argv)
+    summary = train(cfg, out, resume=bool(args.resume), resume_from=resume_from, argv=args.argv)
+    if (status := exit_status(summary.get("stop_reason"))) is not None:
+        return status  # 143 after SIGTERM, 130 after SIGINT: what schedulers and shells expect
     return 3 if summary.get("stop_reason") == "non_finite" else 0
 
 
@@ -366,7 +375,17 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--config", metavar="FILE",
                     help="a TOML (or a run's config.json) file of settings")
     tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>-<time>)")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped")
+    tr.add_argument("--resume", metavar="RUN_DIR",
+                    help="continue a run where it stopped (inside an epoch too: exactly as if "
+                         "it had not stopped); SIGTERM / SIGINT stop a run with a checkpoint "
+                         "to resume from (exit status 143 / 130)")
+    tr.add_argument("--resume-from", metavar="CHECKPOINT",
+                    help="with --resume: which checkpoint to continue from; one of:\n"
+                         "  last: where the run stopped (default)\n"
+                         "  best: its best epoch (e.g. after a divergence that last.pt, "
+                         "written inside an epoch, did not see)\n"
+                         "  PATH: any checkpoint file of this run (a copy kept aside)\n"
+                         "metrics.jsonl loses the epochs after it; history.jsonl records it")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config as TOML (usable as --config FILE) and exit "
                          "without training")

@@ -171,6 +171,14 @@ class TrainConfig:
     budget: str = setting(
         "", "wall-clock budget of one invocation (a resumed run gets a fresh one); \"\" = none",
         unit="duration: 90s, 10m, 2h, 1h30m or 1.5h; a bare number is seconds")
+    checkpoint_every: str = setting(
+        "10m", "also write checkpoints/last.pt inside an epoch this often, so a killed run loses "
+        "at most this much (a resume continues mid-epoch exactly); \"\" or 0 = at epoch ends "
+        "only", unit="duration (90s, 10m, 1h) or a count of updates (500steps)")
+    ddp_timeout: str = setting(
+        "30m", "under torchrun: how long a process waits for the others in one collective "
+        "before it gives up with an error (a hung or dead peer), data decoding on rank 0 "
+        "included", unit="duration: 90s, 10m, 1h")
     patience: int = setting(0, "early stopping: stop after this many epochs without a "
                             "validation gain above --min-delta; 0 = off", unit="epochs")
     min_delta: float = setting(0.0, "the validation gain early stopping counts as one",
@@ -367,6 +375,35 @@ def parse_budget(s: str) -> float | None:
     return secs
 
 
+_STEPS = re.compile(r"(\d+)\s*steps?")
+
+
+def parse_every(s: str) -> tuple[str, float] | None:
+    """A checkpoint interval: "" or "0" -> None; "500steps" -> ("steps", 500); a duration
+    ("90s", "10m", a bare number of seconds) -> ("seconds", 600.0)."""
+    t = s.strip().lower().replace(" ", "")
+    if t in ("", "0"):
+        return None
+    if m := _STEPS.fullmatch(t):
+        if int(m.group(1)) > 0:
+            return "steps", int(m.group(1))
+        raise ConfigError(f"checkpoint_every: expected a positive count of steps, got {s!r}")
+    try:
+        return "seconds", parse_budget(t)
+    except ConfigError:
+        raise ConfigError(f"checkpoint_every: expected a duration like '90s', '10m', a count "
+                          f"of updates like '500steps', or '' / 0 for epoch ends only, got {s!r}") \
+            from None
+
+
+def _every_ok(s: str) -> bool:
+    try:
+        parse_every(s)
+        return True
+    except ConfigError:
+        return False
+
+
 def _budget_ok(s: str) -> bool:
     try:
         parse_budget(s)
@@ -415,6 +452,10 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v["device"]) is not None,
          "auto, cpu, cuda, cuda:N or mps"),
         ("budget", _budget_ok(v["budget"]), "'' or a positive duration like '90s', '10m', '1h30m'"),
+        ("checkpoint_every", _every_ok(v["checkpoint_every"]),
+         "'' / 0, a duration like '90s', '10m', or a count of updates like '500steps'"),
+        ("ddp_timeout", _budget_ok(v["ddp_timeout"]) and v["ddp_timeout"].strip() != "",
+         "a positive duration like '90s', '10m', '1h'"),
         ("stochastic_layers", v["stochastic_layers"] >= 1, "a positive integer"),
         ("stochastic_layers", v["arch"] == "hier" or v["stochastic_layers"] == _FIELDS[
             "stochastic_layers"][2], f"its default {_FIELDS['stochastic_layers'][2]} with arch "

@@ -606,11 +606,12 @@ def num_batches(n: int, batch_size: int, *, world_size: int = 1, drop_last: bool
 
 def iterate_batches(images: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
                     epoch: int = 0, rank: int = 0, world_size: int = 1,
-                    drop_last: bool = False) -> Iterator[torch.Tensor]:
+                    drop_last: bool = False, start: int = 0) -> Iterator[torch.Tensor]:
     """Yield uint8 tensors (B, C, H, W) of this rank's shard, in an order fixed by (seed, epoch).
 
     Like torch's DistributedSampler, every rank gets the same number of batches: the tail is
-    padded by wrapping around (or dropped with drop_last). batch_size is per rank.
+    padded by wrapping around (or dropped with drop_last). batch_size is per rank. `start`
+    skips that many batches (a run resumed inside an epoch continues its order there).
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size; got batch_size="
@@ -621,7 +622,7 @@ def iterate_batches(images: np.ndarray, batch_size: int, *, shuffle: bool, seed:
     total = _per_rank(n, world_size, drop_last) * world_size
     order = np.resize(order, total) if n else order[:0]  # np.resize repeats cyclically
     mine = order[rank:total:world_size]
-    for i in range(num_batches(n, batch_size, world_size=world_size, drop_last=drop_last)):
+    for i in range(start, num_batches(n, batch_size, world_size=world_size, drop_last=drop_last)):
         yield torch.from_numpy(images[mine[i * batch_size:(i + 1) * batch_size]])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -49,8 +50,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def setup(device: str = "auto") -> Runtime:
-    """Initialise the process group when launched by torchrun; a plain process is rank 0 of 1."""
+def setup(device: str = "auto", timeout: float | None = None) -> Runtime:
+    """Initialise the process group when launched by torchrun; a plain process is rank 0 of 1.
+    `timeout` (seconds): how long a collective waits for the other ranks before it fails, so a
+    hung peer ends the run with an error instead of blocking it forever (a dead one breaks
+    gloo's connections at once)."""
     if "RANK" not in os.environ:
         return Runtime(resolve_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -59,7 +63,8 @@ def setup(device: str = "auto") -> Runtime:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout) if timeout else None)
     return Runtime(dev, rank, world, local_rank)
 
 
@@ -96,6 +101,26 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     t = torch.tensor([float(flag)], device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def agree_max(values: list[int], rt: Runtime) -> list[int]:
+    """The element-wise maximum over ranks of a few small integers (stop and checkpoint
+    requests): one collective, so every rank takes the same decision at the same step."""
+    if not rt.ddp:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def gather_to_main(obj, rt: Runtime) -> list:
+    """Every rank's `obj`, in rank order (all ranks get the list; rank 0 is the one that uses
+    it): per-rank state such as RNG states that a checkpoint must carry for each rank."""
+    if not rt.ddp:
+        return [obj]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_buffers(module: nn.Module, rt: Runtime, src: int = 0) -> None:
@@ -171,4 +196,5 @@ def convert_cpu_sync_bn(module: nn.Module) -> nn.Module:
 
 
 __all__ = ["Runtime", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "any_rank",
+           "agree_max", "gather_to_main",
            "barrier", "resolve_device", "CPUSyncBatchNorm", "convert_cpu_sync_bn"]

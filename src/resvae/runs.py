@@ -2,8 +2,10 @@
 
     RUN_DIR/config.json          the resolved RunConfig
     RUN_DIR/argv.json            the command that started it
+    RUN_DIR/history.jsonl        one record per invocation (start, resume, stop): argv, times,
+                                 stop reason; an invocation that was killed has no stop
     RUN_DIR/metrics.jsonl        one record per epoch
-    RUN_DIR/summary.json         how it ended, what it measured, what ran it
+    RUN_DIR/summary.json         how the last invocation ended, what it measured, what ran it
     RUN_DIR/eval.json            `resvae eval` (and the sweep): ELBO and IWAE with standard errors
     RUN_DIR/checkpoints/{last,best}.pt, best.safetensors
     RUN_DIR/samples/epoch_NNNN.png, RUN_DIR/recon/epoch_NNNN.png
@@ -48,6 +50,7 @@ class RunDir:
 
     config = property(lambda self: self.root / "config.json")
     argv = property(lambda self: self.root / "argv.json")
+    history = property(lambda self: self.root / "history.jsonl")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     summary = property(lambda self: self.root / "summary.json")
     eval = property(lambda self: self.root / "eval.json")
@@ -124,6 +127,46 @@ def keep_metrics(run_dir, epochs_done: int) -> None:
         atomic_write(path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
+def read_history(run_dir) -> list[dict]:
+    """One record per invocation of `resvae train` on this run, oldest first."""
+    path = RunDir(run_dir).history
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+    return out
+
+
+def start_history(run_dir, record: dict) -> int:
+    """Append this invocation's record (no stop yet: a killed invocation keeps none); returns
+    its number, 1 for the run's first."""
+    records = read_history(run_dir)
+    number = len(records) + 1
+    _write_history(run_dir, records + [{"invocation": number, **record}])
+    return number
+
+
+def _write_history(run_dir, records: list[dict]) -> None:
+    # rewritten whole and atomically (it is small): a crash never leaves half a record
+    atomic_write(RunDir(run_dir).history,
+                 lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+def end_history(run_dir, number: int, fields: dict) -> list[dict]:
+    """Add how invocation `number` stopped to its record; returns the whole history."""
+    records = read_history(run_dir)
+    for r in records:
+        if r.get("invocation") == number:
+            r.update(fields)
+    _write_history(run_dir, records)
+    return records
+
+
 def is_finished(run_dir) -> bool:
     """A run that ended on its own terms (not interrupted): a sweep does not train it again."""
     path = RunDir(run_dir).summary
@@ -137,6 +180,28 @@ def is_finished(run_dir) -> bool:
 # --- checkpoints ------------------------------------------------------------------------------
 def save_checkpoint(state: Mapping, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(dict(state), tmp))
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files of writes whose process is gone (killed while saving: the file it
+    replaced is intact, the half-written temp is litter, as large as a checkpoint)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -268,13 +333,25 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> t
 
 
 # --- starting and resuming ----------------------------------------------------------------------
-def resume_config(run_dir, environ: Mapping[str, str], overrides: Mapping) -> RunConfig:
+def resume_checkpoint(run_dir, resume_from: str = "last") -> Path:
+    """The checkpoint `--resume RUN_DIR --resume-from WHICH` continues from: `last` (where the
+    run stopped), `best` (its best epoch), or the path of any checkpoint of this run."""
+    run = RunDir(run_dir)
+    path = run.checkpoint(resume_from) if resume_from in CHECKPOINTS else Path(resume_from)
+    if not path.is_file():
+        what = (f"no checkpoints/{resume_from}.pt there (not a run directory, or it stopped "
+                "before its first checkpoint)" if resume_from in CHECKPOINTS
+                else f"--resume-from {resume_from}: no such file")
+        raise ConfigError(f"--resume {run.root}: {what}")
+    return path
+
+
+def resume_config(run_dir, environ: Mapping[str, str], overrides: Mapping,
+                  resume_from: str = "last") -> RunConfig:
     """The config to continue `run_dir` with: its config.json under env vars and flags, which may
     change training settings (lr, budget, max_epochs...) but never the model."""
     run = RunDir(run_dir)
-    if not run.checkpoint("last").exists():
-        raise ConfigError(f"--resume {run.root}: no checkpoints/last.pt there (not a run "
-                          "directory, or it stopped before its first epoch ended)")
+    resume_checkpoint(run.root, resume_from)
     cfg = resolve(config_file=str(run.config), environ=environ, overrides=overrides)
     saved = resolve(config_file=str(run.config), environ={})
     if cfg.model != saved.model:
@@ -296,4 +373,6 @@ def check_fresh(run_dir) -> None:
 __all__ = ["RunDir", "load_run", "load_pretrained", "save_pretrained", "is_exported",
            "load_checkpoint", "save_checkpoint", "save_weights",
            "read_metrics", "read_summary", "read_config", "read_json", "write_json",
-           "append_metrics", "keep_metrics", "is_finished", "resume_config", "check_fresh"]
+           "append_metrics", "keep_metrics", "is_finished", "resume_config", "check_fresh",
+           "resume_checkpoint", "read_history", "start_history", "end_history",
+           "remove_stale_temps"]

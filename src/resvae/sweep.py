@@ -138,6 +138,7 @@ def run_one(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec, *, data
     happened: 'trained', 'resumed' or 'skipped'."""
     from . import distributed as D
     from .evaluate import eval_run
+    from .stops import SIGNAL_STOPS
     from .train import _load, train  # the loader honours the data config like `resvae train`
 
     run = RunDir(sweep_dir / name)
@@ -152,8 +153,10 @@ def run_one(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec, *, data
         resume = run.checkpoint("last").exists()
         if resume:
             _same_model(run, cfg)
-        train(cfg, run.root, data=data, resume=resume, progress=progress,
-              argv=["resvae", "sweep", "(run)", name])
+        summary = train(cfg, run.root, data=data, resume=resume, progress=progress,
+                        argv=["resvae", "sweep", "(run)", name])
+        if summary["stop_reason"] in SIGNAL_STOPS:  # the sweep stops too; rerun it to resume
+            raise KeyboardInterrupt(summary["stop_reason"])
         what = "resumed" if resume else "trained"
     if not run.checkpoint("best").exists():
         # trained, but no validation loss was ever finite: nothing to evaluate, and the run's

@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -27,21 +28,26 @@ from torch.optim.swa_utils import AveragedModel
 from . import __version__
 from . import distributed as D
 from .callbacks import TensorBoard, notify, summary_writer
-from .config import RunConfig, parse_budget, save_json, to_dict
+from .config import ConfigError, RunConfig, parse_budget, parse_every, save_json, to_dict
 from .data import Splits, iterate_batches, load_dataset, num_batches, to_input
 from .evaluate import evaluate, recalibrate_batchnorm
 from .generate import save_epoch_grids
 from .runs import (
     RunDir,
     append_metrics,
+    end_history,
     eval_weights,
     keep_metrics,
     load_checkpoint,
     read_metrics,
+    remove_stale_temps,
+    resume_checkpoint,
     save_checkpoint,
     save_weights,
+    start_history,
     write_json,
 )
+from .stops import SIGNAL_STOPS, StopSignals
 from .vae import VAE, build_from_config, model_info
 
 
@@ -168,32 +174,45 @@ def _fmt(record: dict) -> str:
 @dataclass
 class TrainState:
     """Everything a run needs to continue exactly: the live objects and the counters.
-    `checkpoint()` and `restore()` are the two directions of one checkpoint dict."""
+    `checkpoint()` and `restore()` are the two directions of one checkpoint dict. `progress` is
+    where an epoch stood when the checkpoint was taken inside it (None at an epoch's end):
+    `train_epoch` continues that epoch from there."""
 
     vae: VAE
     opt: torch.optim.Optimizer
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau
     early: EarlyStopping
     ema: AveragedModel | None = None  # --ema: the weights that are evaluated and saved
-    epoch: int = 0
+    epoch: int = 0  # epochs completed
     step: int = 0
     best_epoch: int = 0
     skipped_total: int = 0
     train_seconds: float = 0.0
     images_seen: int = 0
-    COUNTERS = ("epoch", "step", "best_epoch", "skipped_total", "train_seconds", "images_seen")
+    consecutive_skips: int = 0  # across epoch boundaries: a NaN storm does not reset at one
+    progress: dict | None = None
+    COUNTERS = ("epoch", "step", "best_epoch", "skipped_total", "train_seconds", "images_seen",
+                "consecutive_skips")
 
     @property
     def eval_vae(self) -> VAE:
         """The module validation, test, samples and saved weights use."""
         return self.ema.module if self.ema is not None else self.vae
 
-    def checkpoint(self, cfg: RunConfig, image_shape, argv) -> dict:
+    def checkpoint(self, cfg: RunConfig, image_shape, argv, *, progress: dict | None = None,
+                   finite: bool = True) -> dict:
+        """The checkpoint dict; `progress` for one taken inside an epoch, `finite` False for a
+        state that diverged (it never replaces a finite last.pt)."""
         ema = {} if self.ema is None else {"ema": self.ema.module.state_dict(),
                                            "ema_updates": int(self.ema.n_averaged)}
-        return {"model": self.vae.state_dict(), **ema, "optimizer": self.opt.state_dict(),
+        opt = self.opt.state_dict()  # (fresh param_group dicts: patching them changes nothing)
+        if progress is not None:  # the epoch's lr, not the schedule's value at this update
+            for g in opt["param_groups"]:
+                g["lr"] = progress["peak_lr"]
+        return {"model": self.vae.state_dict(), **ema, "optimizer": opt,
                 "plateau": self.plateau.state_dict(), "early": asdict(self.early),
                 **{k: getattr(self, k) for k in self.COUNTERS},
+                "progress": progress, "finite": finite,
                 "config": to_dict(cfg), "image_shape": list(image_shape), "argv": list(argv or [])}
 
     def restore(self, ckpt: dict, cfg: RunConfig, log) -> None:
@@ -213,11 +232,15 @@ class TrainState:
                 log(f"resvae: resume: {key} {was[key]} -> {value}")
         self.plateau.load_state_dict(ckpt["plateau"])
         self.early = EarlyStopping(**ckpt["early"])
-        for k in self.COUNTERS:  # images_seen is absent from checkpoints older than it
+        for k in self.COUNTERS:  # keys absent from checkpoints older than them keep defaults
             setattr(self, k, ckpt.get(k, getattr(self, k)))
+        self.progress = ckpt.get("progress")
 
 
 STEP_KEYS = ("loss", "rate", "distortion", "grad_norm")  # what training_step sums on the device
+# Under torchrun the ranks agree on stops (signal, budget) and time-based checkpoints every this
+# many updates: one small collective, instead of one more host sync per update.
+POLL_EVERY = 10
 
 
 @dataclass
@@ -244,8 +267,16 @@ class Session:
     argv: list | None
     t_start: float = field(default_factory=time.monotonic)
     budget: float | None = None
+    every: tuple | None = None  # checkpoint_every: ("steps", n) or ("seconds", s)
+    last_save: float = field(default_factory=time.monotonic)
+    stops: StopSignals | None = None
     best_weights: dict | None = None
-    consecutive_skips: int = 0  # across epoch boundaries: a NaN storm does not reset at one
+    partial_best: float | None = None  # a budget-cut epoch's val loss, when no epoch ended
+    saved_finite: bool | None = None  # what last.pt holds: None = no last.pt yet (rank 0)
+    saved_at: tuple | None = None  # (epoch, step) of last.pt (rank 0)
+    invocation: int = 0  # this invocation's number in history.jsonl (rank 0)
+    cut_at_batch: int = 0  # batches done in an epoch cut short (0: stopped at an epoch's end)
+    train_seconds_at_start: float = 0.0
     callbacks: list = field(default_factory=list)  # rank 0's; empty on the others
     window: Window | None = None  # the updates since the last log step
 
@@ -257,38 +288,55 @@ class Session:
         if self.rt.is_main:
             print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
-    def over_budget(self) -> bool:
-        return self.budget is not None and D.any_rank(
-            time.monotonic() - self.t_start > self.budget, self.rt)
-
 
 def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, resume: bool = False,
-          argv: list | None = None, progress: bool | None = None, callbacks=()) -> dict:
+          resume_from: str = "last", argv: list | None = None, progress: bool | None = None,
+          callbacks=()) -> dict:
     """Train a VAE as `cfg` says, writing everything into `out_dir`; return the summary.
 
     `data` takes already-loaded splits (else they are loaded as `cfg.data` says). With
-    `resume=True`, continue from out_dir/checkpoints/last.pt exactly where it stopped.
+    `resume=True`, continue from out_dir/checkpoints/last.pt exactly where it stopped (inside
+    an epoch too); `resume_from` "best" or a checkpoint's path starts from that one instead.
+    SIGTERM / SIGINT stop the run after the current update with a checkpoint and a summary whose
+    stop_reason names the signal (`stops.exit_status` gives the exit status).
     `callbacks`: objects with any of on_step / on_epoch / on_end, called on rank 0 (see
     callbacks.py); `--tensorboard` adds one.
     """
     t_start = time.monotonic()
-    rt = D.setup(cfg.train.device)
+    rt = D.setup(cfg.train.device, timeout=parse_budget(cfg.train.ddp_timeout))
+    s = None
     try:
-        s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, argv, progress, callbacks)
+        s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, resume_from, argv, progress,
+                          callbacks)
         s.t_start = t_start
-        stop_reason = None
-        try:
+        with StopSignals(announce=rt.is_main) as s.stops:
+            stop_reason = None
             while stop_reason is None:
                 if state.epoch >= cfg.train.max_epochs or state.early.should_stop:
                     # (a resumed run may be done already)
                     stop_reason = "max_epochs" if state.epoch >= cfg.train.max_epochs \
                         else "early_stopping"
                     break
+                # a signal during the last epoch's evaluation: its checkpoint is written, stop
+                if signum := D.agree_max([s.stops.received], rt)[0]:
+                    stop_reason = signal.Signals(signum).name
+                    break
                 epoch = train_epoch(s, state)
                 stop_reason = end_epoch(s, state, epoch)
-        except KeyboardInterrupt:
-            stop_reason = "interrupted"
-        return finish(s, state, stop_reason)
+            return finish(s, state, stop_reason)
+    except Exception as e:
+        # (a failure to record it, say on a full disk, must not hide the error itself)
+        with contextlib.suppress(OSError, ValueError):
+            if s is not None and rt.is_main and s.invocation:
+                end_history(s.run.root, s.invocation, {
+                    "stopped": _now(), "stop_reason": f"error: {type(e).__name__}: {e}"[:300],
+                    "wall_seconds": time.monotonic() - t_start})
+        if rt.ddp:
+            print(f"resvae: rank {rt.rank}: the run failed under torchrun ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}). If another process died "
+                  f"or hung, the run resumes from its last checkpoint: torchrun ... -m resvae "
+                  f"train --resume {out_dir}", file=sys.stderr, flush=True)
+        raise
     finally:
         D.teardown(rt)
 
@@ -309,8 +357,12 @@ def _load(cfg: RunConfig, rt: D.Runtime) -> Splits:
     return data or load_splits(cfg, download=cfg.data.download)
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resume: bool,
-           argv, progress, callbacks) -> tuple[Session, TrainState]:
+           resume_from: str, argv, progress, callbacks) -> tuple[Session, TrainState]:
     """Data, model, optimizer and schedules; the checkpoint's state when resuming."""
     tc = cfg.train
     if tc.tensorboard:
@@ -337,31 +389,72 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         if tc.precision == "bf16" else contextlib.nullcontext
     s = Session(cfg, rt, run, data, model, autocast,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
-                budget=parse_budget(tc.budget),
+                budget=parse_budget(tc.budget), every=parse_every(tc.checkpoint_every),
                 window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
+    resumed = None
     if resume:
-        state.restore(load_checkpoint(run.checkpoint("last"), map_location=rt.device), cfg, s.log)
-        if run.checkpoint("best").exists():
-            s.best_weights = eval_weights(load_checkpoint(run.checkpoint("best")))
+        path = resume_checkpoint(run.root, resume_from)
+        ckpt = load_checkpoint(path, map_location=rt.device)
+        _check_resumable(ckpt, path, cfg, rt)
+        state.restore(ckpt, cfg, s.log)
+        s.saved_finite, s.saved_at = ckpt.get("finite", True), (state.epoch, state.step)
+        best = run.checkpoint("best")
+        if best.exists():
+            b = load_checkpoint(best)
+            # only the weights of the resumed state's own best epoch (a budget-cut epoch's
+            # best.pt, or one newer than a --resume-from checkpoint, is not that epoch's)
+            if b.get("progress") is None and b.get("epoch") == state.best_epoch:
+                s.best_weights = eval_weights(b)
+        if state.progress is not None and state.progress["batches"] != _batches_per_epoch(s):
+            raise ConfigError(f"--resume {path}: written inside an epoch of "
+                              f"{state.progress['batches']} batches; this run's epochs have "
+                              f"{_batches_per_epoch(s)} (a changed --batch-size or data): resume "
+                              "it with the settings it was written with")
+        resumed = {"checkpoint": str(path), "epoch": state.epoch, "step": state.step,
+                   "inside_epoch": state.progress is not None}
+    s.train_seconds_at_start = state.train_seconds
     git_commit()  # now, not when the run ends (see there)
     if rt.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
+        for folder in (run.root, run.checkpoint("last").parent):
+            remove_stale_temps(folder)
         save_json(cfg, run.config)
-        if argv is not None:
+        if argv is not None and not run.argv.exists():  # the command that started the run
             write_json(run.argv, argv)
+        s.invocation = start_history(run.root, {
+            "argv": argv, "started": _now(), "resumed_from": resumed, "pid": os.getpid(),
+            "host": platform.node(), "world_size": rt.world_size})
         keep_metrics(run.root, state.epoch)
         s.callbacks = list(callbacks)
         if tc.tensorboard:
             # events after the checkpoint's step (a crashed run's) are dropped; its own stay
             s.callbacks.append(TensorBoard(run, cfg, purge_step=state.step + 1 if resume
                                            else None))
+    where = ""
+    if resume:
+        where = f"; resuming after epoch {state.epoch}" if state.progress is None else (
+            f"; resuming inside epoch {state.epoch + 1} after batch {state.progress['batch']} "
+            f"(step {state.step})")
     s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
-          f"run dir {run.root}" + (f"; resuming after epoch {state.epoch}" if resume else ""))
+          f"run dir {run.root}" + where)
     if _batches_per_epoch(s) == 0:
         raise ValueError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
                          f"than the {len(data.train)} training images (see --subset)")
     return s, state
+
+
+def _check_resumable(ckpt: dict, path: Path, cfg: RunConfig, rt: D.Runtime) -> None:
+    """A checkpoint of another model, or one taken inside an epoch by another number of
+    processes (its data shards and noise are per rank), cannot continue this run."""
+    if ckpt.get("config", {}).get("model") != to_dict(cfg)["model"]:
+        raise ConfigError(f"--resume-from {path}: a checkpoint of another model than this run's "
+                          "config.json")
+    p = ckpt.get("progress")
+    if p is not None and p["world_size"] != rt.world_size:
+        raise ConfigError(f"--resume {path}: written inside epoch {ckpt['epoch'] + 1} by "
+                          f"{p['world_size']} process(es); resume it with as many (torchrun "
+                          f"--nproc_per_node {p['world_size']}), this is {rt.world_size}")
 
 
 def _batches_per_epoch(s: Session) -> int:
@@ -373,35 +466,93 @@ def _batches_per_epoch(s: Session) -> int:
 
 @dataclass
 class Epoch:
-    """What one pass of updates produced, for `end_epoch`."""
+    """One pass of updates so far: what `end_epoch` reports, and what a checkpoint taken inside
+    the epoch carries to continue it exactly."""
 
     sums: torch.Tensor  # loss, rate, distortion summed over the applied updates (float64, device)
-    n_ok: int
-    skipped: int
-    seconds: float
-    images: int
-    peak_lr: float
-    last_lr: float
-    stop_reason: str | None
+    peak_lr: float  # what the plateau schedule set; warm-up and --lr-schedule scale it
+    batches: int  # in the whole epoch
+    last_lr: float = 0.0  # the lr of the epoch's last update
+    batch: int = 0  # batches done
+    n_ok: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    images: int = 0
+    stop_reason: str | None = None
+    progress: dict | None = None  # the checkpoint of the cut, for a cut epoch
+
+    @property
+    def complete(self) -> bool:
+        return self.batch == self.batches
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _begin_epoch(s: Session, state: TrainState) -> Epoch:
+    """A fresh epoch, or the rest of the one a checkpoint was taken inside (its place in the
+    data order, its noise, its sums so far)."""
+    tc, rt = s.cfg.train, s.rt
+    lr = state.opt.param_groups[0]["lr"]
+    ep = Epoch(torch.zeros(3, dtype=torch.float64, device=rt.device), lr, _batches_per_epoch(s),
+               last_lr=lr)
+    p, state.progress = state.progress, None
+    if p is None:
+        torch.manual_seed(epoch_seed(tc.seed, state.epoch, rt.rank))
+        return ep
+    _set_rng_state(p["rng"][rt.rank], rt.device)
+    # sums were saved summed over ranks: each rank takes its share, so the all-reduced means
+    # at the epoch's end come out the same
+    ep.sums = p["sums"].to(rt.device) / rt.world_size
+    ep.batch, ep.n_ok, ep.skipped = p["batch"], p["n_ok"], p["skipped"]
+    ep.seconds, ep.images, ep.last_lr = p["seconds"], p["images"], p["last_lr"]
+    w = p["window"]
+    s.window = Window(w["sums"].to(rt.device) / rt.world_size, w["n_ok"], w["skipped"])
+    return ep
+
+
+def poll(s: Session, state: TrainState) -> tuple[str | None, bool]:
+    """After an update: whether to stop now (a signal, the budget) and whether a checkpoint is
+    due (checkpoint_every). Under torchrun the ranks agree every POLL_EVERY updates: a signal
+    reaches them at different moments and their clocks differ."""
+    kind, every = s.every or (None, 0)
+    due = kind == "steps" and state.step % every == 0  # the same on every rank
+    if s.rt.ddp and state.step % POLL_EVERY:
+        return None, due
+    now = time.monotonic()
+    signum, budget, due_time = D.agree_max([
+        s.stops.received if s.stops else 0,
+        int(s.budget is not None and now - s.t_start > s.budget),
+        int(kind == "seconds" and now - s.last_save >= every)], s.rt)
+    stop = signal.Signals(signum).name if signum else "budget" if budget else None
+    return stop, due or bool(due_time)
 
 
 def train_epoch(s: Session, state: TrainState) -> Epoch:
-    """One pass over the training set: warm-up lr, update, count skips; stops early on the
-    budget or on too many non-finite updates in a row."""
+    """One pass over the training set (or the rest of one): warm-up lr, update, count skips,
+    checkpoint inside the epoch when due; stops early on a signal, the budget or too many
+    non-finite updates in a row. A checkpoint is written at a cut (not after a non-finite one),
+    so the pass continues there on resume."""
     tc, rt, opt = s.cfg.train, s.rt, state.opt
-    torch.manual_seed(epoch_seed(tc.seed, state.epoch, rt.rank))
+    ep = _begin_epoch(s, state)
     s.model.train()
-    ep = Epoch(torch.zeros(3, dtype=torch.float64, device=rt.device), 0, 0, 0.0, 0,
-               opt.param_groups[0]["lr"], opt.param_groups[0]["lr"], None)
-    # peak_lr is what the plateau schedule set; warm-up scales it
     t0 = time.monotonic()
     bar = None
     if s.bar:
         from tqdm.auto import tqdm
-        bar = tqdm(total=_batches_per_epoch(s), desc=f"epoch {state.epoch + 1}", leave=False)
+        bar = tqdm(total=ep.batches, initial=ep.batch, desc=f"epoch {state.epoch + 1}",
+                   leave=False)
     for batch in iterate_batches(s.data.train.images, tc.batch_size, shuffle=True, seed=tc.seed,
                                  epoch=state.epoch, rank=rt.rank, world_size=rt.world_size,
-                                 drop_last=True):
+                                 drop_last=True, start=ep.batch):
         lr = ep.peak_lr * warmup_factor(state.step, tc.warmup_steps)
         lr *= schedule_factor(s, state)
         for g in opt.param_groups:
@@ -412,17 +563,18 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
         out = training_step(s.model, state.vae, x, opt, tc, beta=beta, autocast=s.autocast,
                             rt=rt)
         state.step += 1
+        ep.batch += 1
         if state.ema is not None and not out["skipped"]:
             state.ema.update_parameters(state.vae)
         ep.images += x.shape[0] * rt.world_size
         if out["skipped"]:
-            ep.skipped, s.consecutive_skips = ep.skipped + 1, s.consecutive_skips + 1
+            ep.skipped, state.consecutive_skips = ep.skipped + 1, state.consecutive_skips + 1
             s.window.skipped += 1
-            if s.consecutive_skips > tc.max_skips:
-                ep.stop_reason = "non_finite"
+            if state.consecutive_skips > tc.max_skips:
+                ep.stop_reason = "non_finite"  # no checkpoint of a diverged state
                 break
         else:
-            s.consecutive_skips, ep.n_ok = 0, ep.n_ok + 1
+            state.consecutive_skips, ep.n_ok = 0, ep.n_ok + 1
             # summed on the device, no sync: float32 batch means added in float64
             values = torch.stack([out[k].double() for k in STEP_KEYS])
             ep.sums += values[:3]
@@ -437,15 +589,24 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
                                 refresh=False)
         if bar is not None:
             bar.update()
-        if s.over_budget():
-            ep.stop_reason = "budget"  # ends this (partial) epoch, then evaluates
+        stop, due = poll(s, state)
+        if (stop or due) and not ep.complete:  # at the epoch's end, end_epoch checkpoints
+            now = time.monotonic()
+            ep.seconds, t0 = ep.seconds + now - t0, now
+            ep.progress = save_inside_epoch(s, state, ep)
+            t0 = time.monotonic()  # the time spent saving is not training time
+        if stop:
+            ep.stop_reason = stop
             break
     if bar is not None:
         bar.close()
     for g in opt.param_groups:
         g["lr"] = ep.peak_lr
-    ep.seconds = time.monotonic() - t0
-    state.epoch += 1
+    ep.seconds += time.monotonic() - t0
+    if ep.complete:
+        state.epoch += 1
+    s.cut_at_batch = 0 if ep.complete else ep.batch
+    # the counters now include a cut epoch's part (its checkpoint holds them in `progress`)
     state.train_seconds += ep.seconds
     state.skipped_total += ep.skipped
     state.images_seen += ep.images
@@ -460,6 +621,50 @@ def schedule_factor(s: Session, state: TrainState) -> float:
     if s.budget is not None:
         return cosine_factor((time.monotonic() - s.t_start) / s.budget)
     return cosine_factor(state.step / (s.cfg.train.max_epochs * _batches_per_epoch(s)))
+
+
+def save_inside_epoch(s: Session, state: TrainState, ep: Epoch) -> dict:
+    """Write last.pt at this update, inside the epoch (rank 0 writes; every rank takes part,
+    as the epoch's sums and each rank's RNG state are gathered); returns its `progress`."""
+    rt = s.rt
+    w = s.window
+    progress = {
+        "batch": ep.batch, "batches": ep.batches, "n_ok": ep.n_ok, "skipped": ep.skipped,
+        "images": ep.images, "seconds": ep.seconds, "peak_lr": ep.peak_lr,
+        "last_lr": ep.last_lr,
+        "sums": D.all_reduce_sum(ep.sums.clone(), rt).cpu(),
+        "window": {"sums": D.all_reduce_sum(w.sums.clone(), rt).cpu(), "n_ok": w.n_ok,
+                   "skipped": w.skipped},
+        "rng": D.gather_to_main(_rng_state(rt.device), rt), "world_size": rt.world_size}
+    if rt.is_main:
+        # finite: the last update was applied and no weight is NaN/inf (no validation loss to
+        # look at inside an epoch)
+        finite = state.consecutive_skips == 0 and _weights_finite(state)
+        _save_last(s, state, state.checkpoint(s.cfg, s.image_shape, s.argv, progress=progress,
+                                               finite=finite), finite)
+    s.last_save = time.monotonic()
+    return progress
+
+
+def _weights_finite(state: TrainState) -> bool:
+    """No NaN/inf in the trained weights nor in the evaluated ones (--ema's average)."""
+    tensors = [t for m in {id(state.vae): state.vae, id(state.eval_vae): state.eval_vae}.values()
+               for t in m.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _save_last(s: Session, state: TrainState, ckpt: dict, finite: bool) -> bool:
+    """Write last.pt (rank 0), unless it would replace a finite state by one that is not."""
+    where = f"epoch {state.epoch}" if ckpt["progress"] is None else \
+        f"step {state.step} (inside epoch {state.epoch + 1})"
+    if not finite and s.saved_finite:
+        s.log(f"resvae: {where} is not finite (skipped updates, or NaN/inf weights or "
+              f"validation loss): checkpoints/last.pt keeps epoch {s.saved_at[0]}, step "
+              f"{s.saved_at[1]}", err=True)
+        return False
+    save_checkpoint(ckpt, s.run.checkpoint("last"))
+    s.saved_finite, s.saved_at = finite, (state.epoch, state.step)
+    return True
 
 
 def log_step(s: Session, state: TrainState, *, lr: float, beta: float) -> dict:
@@ -479,8 +684,15 @@ def log_step(s: Session, state: TrainState, *, lr: float, beta: float) -> dict:
 
 def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
     """Validate, step the schedules, keep the best weights, write the epoch's record, checkpoint
-    and grids; return why the run stops now (None to go on)."""
+    and grids; return why the run stops now (None to go on).
+
+    An epoch cut by a signal stops at once (its checkpoint is written). One cut by the budget
+    or by non-finite updates is validated and recorded as `partial`, but it steps no schedule
+    and is no best epoch (its val loss stands in for one only while no epoch has ended), so a
+    resumed run continues exactly as if it had never stopped."""
     tc, rt, vae = s.cfg.train, s.rt, state.eval_vae
+    if ep.stop_reason in SIGNAL_STOPS and not ep.complete:
+        return ep.stop_reason
     # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
     means = D.all_reduce_sum(ep.sums / max(ep.n_ok, 1), rt)  # the epoch's one read-back
     means = (means / rt.world_size).tolist() if ep.n_ok else [None] * 3
@@ -490,65 +702,115 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
                               seed=epoch_seed(tc.seed, state.epoch, 0))
     D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
     val = evaluate(vae, s.data.val.images, tc.eval_batch_size, rt, tc.channels_last, s.autocast)
-    improved = state.early.step(val["loss"])
-    if tc.plateau_patience > 0:
-        state.plateau.step(val["loss"])
-    if improved:
-        state.best_epoch = state.epoch
+    improved = partial_best = False
+    if ep.complete:
+        improved = state.early.step(val["loss"])
+        if tc.plateau_patience > 0:
+            state.plateau.step(val["loss"])
+        if improved:
+            state.best_epoch = state.epoch
+    else:
+        partial_best = (ep.stop_reason == "budget" and s.best_weights is None
+                        and math.isfinite(val["loss"]))
+        if partial_best:
+            s.partial_best = val["loss"]
+    if improved or partial_best:
         s.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in vae.state_dict().items()}
     stop_reason = ep.stop_reason
-    if state.early.should_stop and stop_reason is None:
+    if ep.complete and state.early.should_stop and stop_reason is None:
         stop_reason = "early_stopping"
-    if stop_reason == "non_finite":
-        s.log(f"resvae: stopping: more than {tc.max_skips} updates in a row had a non-finite "
-              "loss or gradient (lower --lr, set --grad-clip, or check the data)", err=True)
-    record = {"epoch": state.epoch, "step": state.step, "train_loss": means[0], "rate": means[1],
+    record = {"epoch": state.epoch if ep.complete else state.epoch + 1, "step": state.step,
+              "train_loss": means[0], "rate": means[1],
               "distortion": means[2], "val_loss": val["loss"], "val_rate": val["rate"],
               "val_distortion": val["distortion"], "val_bpd": val.get("bpd"),
               "lr": ep.last_lr, "skipped": ep.skipped, "epoch_seconds": ep.seconds,
               "images_per_s": ep.images / max(ep.seconds, 1e-9),
               "images_seen": state.images_seen, "train_seconds": state.train_seconds,
-              "partial": stop_reason in ("budget", "non_finite")}
+              "partial": not ep.complete}
     if rt.is_main:
         append_metrics(s.run.root, record)
         s.log(_fmt(record))
-        ckpt = state.checkpoint(s.cfg, s.image_shape, s.argv)
-        save_checkpoint(ckpt, s.run.checkpoint("last"))
-        if improved:
-            save_checkpoint(ckpt, s.run.checkpoint("best"))
-        if tc.sample_every > 0 and state.epoch % tc.sample_every == 0:
-            save_epoch_grids(vae, s.data.val.images, s.run, state.epoch)
+        if ep.complete:
+            finite = ep.n_ok > 0 and math.isfinite(val["loss"]) and _weights_finite(state)
+            ckpt = state.checkpoint(s.cfg, s.image_shape, s.argv, finite=finite)
+            _save_last(s, state, ckpt, finite)
+            if improved:
+                save_checkpoint(ckpt, s.run.checkpoint("best"))
+            if tc.sample_every > 0 and state.epoch % tc.sample_every == 0:
+                save_epoch_grids(vae, s.data.val.images, s.run, state.epoch)
+        elif partial_best:  # the cut state, with the statistics it was validated with
+            save_checkpoint(state.checkpoint(s.cfg, s.image_shape, s.argv, progress=ep.progress),
+                            s.run.checkpoint("best"))
         notify(s.callbacks, "on_epoch", record)
+        if stop_reason == "non_finite":
+            s.log(_diverged_message(s, tc), err=True)
     return stop_reason
 
 
+def _diverged_message(s: Session, tc) -> str:
+    msg = (f"resvae: stopping: more than {tc.max_skips} updates in a row had a non-finite loss "
+           "or gradient (lower --lr, set --grad-clip, or check the data)")
+    if s.saved_finite:
+        msg += (f"; checkpoints/last.pt holds the last finite state (epoch {s.saved_at[0]}, "
+                f"step {s.saved_at[1]}): resvae train --resume {s.run.root} --lr {tc.lr / 10:g} "
+                "continues from it (--resume-from best: from the best epoch)")
+    return msg
+
+
 def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
-    """Final grids, the test ELBO of the best weights, the weights as safetensors, summary.json."""
+    """Final grids, the test ELBO of the best weights, the weights as safetensors, summary.json,
+    the invocation's entry in history.jsonl. A run stopped by a signal skips the grids and the
+    test (it is to stop now, and will be resumed)."""
     rt, tc, vae, run = s.rt, s.cfg.train, state.eval_vae, s.run
+    signalled = stop_reason in SIGNAL_STOPS
+    wall = time.monotonic() - s.t_start
     summary = {"stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
+               "inside_epoch_batches": s.cut_at_batch,
                "images_seen": state.images_seen, "training_seconds": state.train_seconds,
-               "wall_seconds": time.monotonic() - s.t_start, "best_epoch": state.best_epoch,
-               "best_val_loss": state.early.best if state.best_epoch else None,
+               "invocation_training_seconds": state.train_seconds - s.train_seconds_at_start,
+               "wall_seconds": wall, "best_epoch": state.best_epoch,
+               "best_val_loss": state.early.best if state.best_epoch else s.partial_best,
                "skipped_updates": state.skipped_total, "world_size": rt.world_size}
     if rt.is_main:
-        last = read_metrics(run.root)
+        last = [r for r in read_metrics(run.root) if not r.get("partial")]
         summary["final_train_loss"] = last[-1].get("train_loss") if last else None
-        save_epoch_grids(vae, s.data.val.images, run, state.epoch)
-    if s.best_weights is not None:
-        vae.load_state_dict(s.best_weights)
-    test = evaluate(vae, s.data.test.images, tc.eval_batch_size, rt, tc.channels_last, s.autocast)
+        if not signalled:
+            save_epoch_grids(vae, s.data.val.images, run, state.epoch)
+    if not signalled:
+        if s.best_weights is not None:
+            vae.load_state_dict(s.best_weights)
+        test = evaluate(vae, s.data.test.images, tc.eval_batch_size, rt, tc.channels_last,
+                        s.autocast)
     if rt.is_main:
-        summary.update(test_loss=test["loss"], test_bpd=test.get("bpd"),
-                       test_note="negative ELBO of the best-val weights on the test split"
-                       + ("" if vae.likelihood.discrete else "; bits/dim undefined for bernoulli"))
+        if not signalled:
+            summary.update(test_loss=test["loss"], test_bpd=test.get("bpd"),
+                           test_note="negative ELBO of the best-val weights on the test split"
+                           + ("" if vae.likelihood.discrete else
+                              "; bits/dim undefined for bernoulli"))
+            if s.best_weights is not None:  # weights alone, safe to share and load anywhere
+                save_weights(vae, s.cfg, run.safetensors)
+        else:
+            summary.update(test_loss=None, test_bpd=None, resume=f"resvae train --resume "
+                           f"{run.root} (checkpoints/last.pt: epoch {s.saved_at[0]}, step "
+                           f"{s.saved_at[1]})" if s.saved_at else None)
+        history = end_history(run.root, s.invocation, {
+            "stopped": _now(), "stop_reason": stop_reason, "wall_seconds": wall,
+            "training_seconds": summary["invocation_training_seconds"],
+            "epochs": state.epoch, "steps": state.step})
+        summary["invocations"] = len(history)
+        summary["total_wall_seconds"] = sum(h.get("wall_seconds") or 0.0 for h in history)
         summary.update(what_ran(vae, rt, s.argv))
-        if s.best_weights is not None:  # weights alone, safe to share and load anywhere
-            save_weights(vae, s.cfg, run.safetensors)
         write_json(run.summary, summary)
-        s.log(f"resvae: stopped ({stop_reason}) after {state.epoch} epochs, "
-              f"{state.train_seconds:.0f}s training; best val loss {state.early.best:.2f} "
-              f"at epoch {state.best_epoch}; test loss {test['loss']:.2f}"
-              + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
+        if signalled:
+            s.log(f"resvae: stopped ({stop_reason}) at epoch {state.epoch}, step {state.step}; "
+                  f"resume with: resvae train --resume {run.root}")
+        else:
+            best = summary["best_val_loss"]
+            best_at = f"at epoch {state.best_epoch}" if state.best_epoch else "(the cut epoch's)"
+            s.log(f"resvae: stopped ({stop_reason}) after {state.epoch} epochs, "
+                  f"{state.train_seconds:.0f}s training; best val loss "
+                  f"{math.inf if best is None else best:.2f} {best_at}; test loss "
+                  f"{test['loss']:.2f}" + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
         notify(s.callbacks, "on_end", summary)
     return summary
 
