@@ -139,7 +139,7 @@ def test_cifar_download_bad_md5(tmp_path):
 
 def test_cifar_download_offline(tmp_path):
     with pytest.raises(DataError, match="offline.*--data-dir.*RESVAE_DATA_DIR.*cifar-10-batches"):
-        load_dataset("cifar10", url="http://127.0.0.1:9/x.tar.gz")
+        load_dataset("cifar10", download=True, url="http://127.0.0.1:9/x.tar.gz")
     with pytest.raises(DataError, match="offline"):
         load_dataset("cifar10", str(tmp_path), download=True, url="http://127.0.0.1:9/x.tar.gz")
     assert not list((tmp_path / "cache").glob("*.part"))  # no half-downloaded files left
@@ -170,7 +170,12 @@ def _make_folder(root):
 
 def test_folder_decodes_and_converts(tmp_path):
     _make_folder(tmp_path / "f")
-    s = load_dataset("folder", str(tmp_path / "f"))
+    with pytest.warns(UserWarning) as said:  # what the conversion did is said, with a file each
+        s = load_dataset("folder", str(tmp_path / "f"))
+    said = " ".join(str(w.message) for w in said)
+    assert "ignored 1 entry" in said and "README.txt" in said
+    assert "grayscale" in said and "gray.PNG" in said
+    assert "transparent pixels: alpha dropped" in said and "rgba.png" in said
     assert s.train.images.shape == (5, 3, 8, 8) and s.test.images.shape == (2, 3, 8, 8)
     assert s.train.classes == ["a", "b"] and s.train.labels.tolist() == [0, 0, 0, 1, 1]
     gray, pal, red = s.train.images[:3]  # sorted: gray.PNG, pal.gif, x.png

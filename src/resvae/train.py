@@ -34,7 +34,8 @@ from .runs import (
     RunDir,
     append_metrics,
     keep_metrics,
-    load_checkpoint,
+    load_best_weights,
+    load_resume_checkpoint,
     read_metrics,
     save_checkpoint,
     save_weights,
@@ -304,10 +305,11 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
                 budget=parse_budget(tc.budget),
                 window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
+    _check_batches(s)  # before anything is written
     if resume:
-        state.restore(load_checkpoint(run.checkpoint("last"), map_location=rt.device), cfg, s.log)
-        if run.checkpoint("best").exists():
-            s.best_weights = load_checkpoint(run.checkpoint("best"))["model"]
+        last = load_resume_checkpoint(run, s.image_shape, map_location=rt.device)
+        state.restore(last, cfg, s.log)
+        s.best_weights = load_best_weights(run, last, s.log)
     git_commit()  # now, not when the run ends (see there)
     if rt.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -323,10 +325,20 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
           f"run dir {run.root}" + (f"; resuming after epoch {state.epoch}" if resume else ""))
+    return s, state
+
+
+def _check_batches(s: Session) -> None:
+    tc, rt, n = s.cfg.train, s.rt, len(s.data.train)
     if _batches_per_epoch(s) == 0:
         raise ValueError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
-                         f"than the {len(data.train)} training images (see --subset)")
-    return s, state
+                         f"than the {n} training image(s) (see --subset)")
+    if tc.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                 for m in s.model.modules()):
+        # training-mode BatchNorm needs two values per channel, and the latent layer is 1x1
+        raise ValueError(f"--batch-size {tc.batch_size}: BatchNorm needs at least 2 images per "
+                         f"batch (per process); use --batch-size 2 or more ({n} training "
+                         "image(s) here)")
 
 
 def _batches_per_epoch(s: Session) -> int:
