@@ -122,7 +122,7 @@ def test_cifar_download_file_url(tmp_path, monkeypatch):
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     monkeypatch.setattr(data, "CIFAR10_MD5", _write_cifar_archive(archive))
     cache = tmp_path / "cache2"
-    s = load_dataset("cifar10", cache_dir=str(cache), url=archive.as_uri())
+    s = load_dataset("cifar10", cache_dir=str(cache), url=archive.as_uri(), download=True)
     _check_cifar(s)
     assert (cache / "cifar-10-python.tar.gz").is_file()
     # Found in the cache now: an unreachable URL is never contacted.
@@ -133,7 +133,7 @@ def test_cifar_download_bad_md5(tmp_path):
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     _write_cifar_archive(archive)  # the real CIFAR10_MD5 will not match
     with pytest.raises(DataError, match="md5"):
-        load_dataset("cifar10", url=archive.as_uri())
+        load_dataset("cifar10", url=archive.as_uri(), download=True)
     assert not list((tmp_path / "cache").iterdir())  # neither the archive nor a .part file
 
 
