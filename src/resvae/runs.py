@@ -368,7 +368,8 @@ def load_resume_checkpoint(run: RunDir, image_shape, map_location="cpu") -> dict
 def load_best_weights(run: RunDir, last: dict, log=None) -> dict | None:
     """The best weights so far of a run being resumed, from checkpoints/best.pt; None before any.
     A broken best.pt does not block the resume: when the last epoch was the best, last.pt holds
-    the same weights; otherwise they are lost, and the message says so."""
+    the same state and best.pt is rewritten from it; otherwise the best weights are lost, and
+    the message says so."""
     log = log or (lambda text, err=True: print(text, file=sys.stderr))
     path = run.checkpoint("best")
     if not path.exists():
@@ -377,8 +378,10 @@ def load_best_weights(run: RunDir, last: dict, log=None) -> dict | None:
         return load_checkpoint(path)["model"]
     except ValueError as e:
         if last.get("best_epoch") and last.get("best_epoch") == last.get("epoch"):
-            log(f"resvae: warning: {e}; its epoch {last['epoch']} is also last.pt's, whose "
-                "weights take its place", err=True)
+            # both were saved from the same state at the end of that epoch
+            atomic_write(path, lambda t: shutil.copyfile(run.checkpoint("last"), t))
+            log(f"resvae: warning: {e}; its epoch {last['epoch']} is also last.pt's, so it was "
+                "rewritten from last.pt", err=True)
             return {k: v.detach().to("cpu", copy=True) for k, v in last["model"].items()}
         log(f"resvae: warning: {e}; the best weights so far (epoch {last.get('best_epoch')}) "
             "are lost: the next improving epoch writes a new best.pt, and the test figures of "
