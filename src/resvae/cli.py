@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 import typing
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -22,6 +24,7 @@ from .config import (
     resolve,
     to_toml,
 )
+from .files import EXIT_DISK_FULL, DiskFullError
 
 MODEL_KEYS = [k for k, (sec, _, _) in fields_flat().items() if sec == "model"]
 PRECEDENCE = "defaults < --preset < --config FILE < RESVAE_<KEY> environment variables < flags"
@@ -174,7 +177,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .runs import check_fresh, resume_config
+    from . import distributed as D
+    from .runs import RunLock, check_fresh, clear_run, resume_config
     from .stops import exit_status
     from .train import train
 
@@ -187,6 +191,8 @@ def cmd_train(args) -> int:
         if args.preset or args.config:
             raise ConfigError("--resume takes its config from the run directory; "
                               "drop --preset/--config")
+        if args.overwrite or args.out:
+            raise ConfigError("--resume continues the run in RUN_DIR; drop --overwrite/--out")
         cfg = resume_config(args.resume, os.environ, overrides, resume_from=resume_from)
         out = Path(args.resume)
     else:
@@ -198,8 +204,16 @@ def cmd_train(args) -> int:
                            f"{PRECEDENCE}.\nTrain with it: resvae train --config FILE"), end="")
         return 0
     if not args.resume:
-        check_fresh(out)
-    summary = train(cfg, out, resume=bool(args.resume), resume_from=resume_from, argv=args.argv)
+        check_fresh(out, overwrite=args.overwrite)
+    # one process per run directory (under torchrun, rank 0 speaks for all): a second run, or a
+    # --resume of a run still going, is refused instead of interleaving their records
+    lock = RunLock(out, "--resume" if args.resume else "--out") if D.launched_as_main() \
+        else contextlib.nullcontext()
+    with lock:
+        if args.overwrite and D.launched_as_main():
+            clear_run(out)  # the new config is valid and no one else is writing here
+        summary = train(cfg, out, resume=bool(args.resume), resume_from=resume_from,
+                        argv=args.argv)
     if (status := exit_status(summary.get("stop_reason"))) is not None:
         return status  # 143 after SIGTERM, 130 after SIGINT: what schedulers and shells expect
     return 3 if summary.get("stop_reason") == "non_finite" else 0
@@ -365,8 +379,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("train", help="train a VAE",
-                        usage="%(prog)s [--preset NAME] [--config FILE] [--out DIR | --resume "
-                              "RUN_DIR]\n" + " " * 20 + "[--print-config] [--KEY VALUE ...]",
+                        usage="%(prog)s [--preset NAME] [--config FILE] [--out DIR [--overwrite] "
+                              "| --resume\n" + " " * 20 + "RUN_DIR] [--print-config] "
+                              "[--KEY VALUE ...]",
                         description="Train a VAE; writes config.json, metrics.jsonl, checkpoints, "
                         "sample/reconstruction grids and summary.json into the run directory. "
                         "Under torchrun it trains with DistributedDataParallel.",
@@ -386,6 +401,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                          "written inside an epoch, did not see)\n"
                          "  PATH: any checkpoint file of this run (a copy kept aside)\n"
                          "metrics.jsonl loses the epochs after it; history.jsonl records it")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run --out holds (its files are removed once the new "
+                         "config is valid); without it a new run never lands on an old one")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config as TOML (usable as --config FILE) and exit "
                          "without training")
@@ -519,11 +537,24 @@ def main(argv: list[str] | None = None) -> int:
         _unrecognized(parser.subcommands.get(getattr(args, "command", None), parser), extra)
     args.argv = ["resvae", *argv]
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
+    except DiskFullError as e:  # not bad input: the run is resumable once space is freed
+        run = getattr(args, "resume", None) or getattr(args, "out", None)
+        print(f"resvae {args.command}: error: {e}"
+              + (f"; free space, then continue with resvae train --resume {run}"
+                 if args.command == "train" and run else ""), file=sys.stderr)
+        return EXIT_DISK_FULL
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, bad model options
         # Bad input: one clear line naming the flag/file, not a traceback.
         print(f"resvae {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # a note to the user, not to a developer: no source file and line
+    print(f"resvae: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ from .runs import (
     RunDir,
     append_metrics,
     end_history,
-    eval_weights,
     keep_metrics,
-    load_checkpoint,
+    load_best_weights,
+    load_resume_checkpoint,
     read_metrics,
     remove_stale_temps,
     resume_checkpoint,
@@ -391,20 +391,15 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
                 budget=parse_budget(tc.budget), every=parse_every(tc.checkpoint_every),
                 window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
+    _check_batches(s)  # before anything is written
     resumed = None
     if resume:
         path = resume_checkpoint(run.root, resume_from)
-        ckpt = load_checkpoint(path, map_location=rt.device)
+        ckpt = load_resume_checkpoint(path, s.image_shape, map_location=rt.device)
         _check_resumable(ckpt, path, cfg, rt)
         state.restore(ckpt, cfg, s.log)
         s.saved_finite, s.saved_at = ckpt.get("finite", True), (state.epoch, state.step)
-        best = run.checkpoint("best")
-        if best.exists():
-            b = load_checkpoint(best)
-            # only the weights of the resumed state's own best epoch (a budget-cut epoch's
-            # best.pt, or one newer than a --resume-from checkpoint, is not that epoch's)
-            if b.get("progress") is None and b.get("epoch") == state.best_epoch:
-                s.best_weights = eval_weights(b)
+        s.best_weights = load_best_weights(run, ckpt, s.log)
         if state.progress is not None and state.progress["batches"] != _batches_per_epoch(s):
             raise ConfigError(f"--resume {path}: written inside an epoch of "
                               f"{state.progress['batches']} batches; this run's epochs have "
@@ -438,10 +433,20 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
           f"run dir {run.root}" + where)
+    return s, state
+
+
+def _check_batches(s: Session) -> None:
+    tc, rt, n = s.cfg.train, s.rt, len(s.data.train)
     if _batches_per_epoch(s) == 0:
         raise ValueError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
-                         f"than the {len(data.train)} training images (see --subset)")
-    return s, state
+                         f"than the {n} training image(s) (see --subset)")
+    if tc.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                 for m in s.model.modules()):
+        # training-mode BatchNorm needs two values per channel, and the latent layer is 1x1
+        raise ValueError(f"--batch-size {tc.batch_size}: BatchNorm needs at least 2 images per "
+                         f"batch (per process); use --batch-size 2 or more ({n} training "
+                         "image(s) here)")
 
 
 def _check_resumable(ckpt: dict, path: Path, cfg: RunConfig, rt: D.Runtime) -> None:
