@@ -102,6 +102,20 @@ def make_plateau(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.Re
         threshold=1e-4, threshold_mode="abs", min_lr=cfg.min_lr, eps=0.0)
 
 
+def make_optimizer(vae: torch.nn.Module, cfg, *, fused: bool | None = None) -> torch.optim.Adam:
+    """The Adam of training (and of `resvae bench`, which times the same step). `fused=True`
+    asks for torch's one-kernel Adam; None keeps torch's default implementation."""
+    return torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay, fused=fused)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A callable giving the forward's autocast context: bf16 autocast, or none for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     # Reseeding every epoch from (seed, epoch, rank) makes the noise of epoch k independent of what
     # ran before it, so a resumed run replays exactly and each DDP rank draws its own noise.
@@ -329,12 +343,10 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         # In place: the forward (training and evaluation, through DDP too) is compiled, while
         # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
         vae.compile()
-    opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                           weight_decay=tc.weight_decay)
+    opt = make_optimizer(vae, tc)
     state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta),
                        ema)
-    autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) \
-        if tc.precision == "bf16" else contextlib.nullcontext
+    autocast = autocast_context(tc.precision, rt.device)
     s = Session(cfg, rt, run, data, model, autocast,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
                 budget=parse_budget(tc.budget),
@@ -587,4 +599,5 @@ def git_commit() -> str | None:
 
 
 __all__ = ["train", "TrainState", "train_epoch", "log_step", "end_epoch", "finish", "training_step",
-           "EarlyStopping", "make_plateau", "warmup_factor", "kl_beta"]
+           "EarlyStopping", "make_plateau", "make_optimizer", "autocast_context", "warmup_factor",
+           "kl_beta"]
