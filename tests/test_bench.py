@@ -46,7 +46,8 @@ def record():
 
 def test_record_keys_are_measured_numbers(record):
     for key in KEYS:
-        assert isinstance(record[key], float) and math.isfinite(record[key]) and record[key] > 0, key
+        value = record[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, key
     assert record["config"] == to_dict(_tiny(precision="bf16", channels_last=True, batch_size=16))
     assert record["variant"] == "bf16+cl" and record["batch_size"] == 16
 
