@@ -135,6 +135,23 @@ def test_training_flops_of_a_real_net_are_three_forwards_less_the_image_input_gr
     assert train == 3 * forward - counter.get_total_flops()
 
 
+def test_runner_steps_update_the_ema_as_training_does():
+    # the cpu preset (hier: no BatchNorm) keeps an EMA of its weights
+    def cfg(ema):
+        return resolve(preset="cpu", environ={}, overrides={
+            "width": 0.0625, "batch_size": 8, "device": "cpu", "ema": ema, "skip_threshold": 0})
+
+    images = np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), dtype=np.uint8)
+    plain = B.Runner(B.Variant(), cfg(0.0), images, torch.device("cpu"))
+    plain.step()
+    r = B.Runner(B.Variant(), cfg(0.9), images, torch.device("cpu"))  # (reseeds)
+    before = [p.detach().clone() for p in r.ema.module.parameters()]
+    r.step()
+    r.step()
+    assert plain.ema is None and r.skipped == 0 and int(r.ema.n_averaged) == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, r.ema.module.parameters()))
+
+
 @pytest.mark.parametrize("text, expected", [
     ("fp32", B.Variant()),
     ("bf16+cl+compiled", B.Variant(bf16=True, channels_last=True, compiled=True)),
@@ -153,7 +170,7 @@ def test_parse_variant_rejects(text):
 
 @pytest.mark.usefixtures("small_runs")  # a private, empty data cache
 def test_cli_synthetic_needs_no_data_and_benches_the_preset(capsys):
-    # the cpu preset trains on CIFAR-10, which this cache does not have
+    # the cpu preset (bf16 + channels_last) trains on CIFAR-10, which this cache lacks
     small = ["--preset", "cpu", "--width", "0.0625", "--batch-size", "8", *FAST]
     assert _run(["bench", *small, "--json"]) == 2
     assert "cifar" in capsys.readouterr().err.lower()
@@ -161,7 +178,7 @@ def test_cli_synthetic_needs_no_data_and_benches_the_preset(capsys):
     r = json.loads(capsys.readouterr().out)  # one JSON object, nothing else
     assert r["config"] == to_dict(resolve(preset="cpu", environ={}, overrides={
         "width": 0.0625, "batch_size": 8, "device": "cpu"}))
-    assert list(r["variants"]) == ["fp32", "baseline"] and "profile" not in r
+    assert list(r["variants"]) == ["bf16+cl", "baseline"] and "profile" not in r
     for key in KEYS:
         assert math.isfinite(r[key]) and r[key] > 0, key
 

@@ -23,12 +23,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig, to_dict
 from .data import iterate_batches, to_input
 from .distributed import resolve_device
-from .train import _device_name, autocast_context, load_splits, make_optimizer, training_step
+from .train import (
+    _device_name,
+    autocast_context,
+    ema_update,
+    load_splits,
+    make_optimizer,
+    training_step,
+)
 from .vae import build_from_config
 
 MATMUL_SIZE = 2048
@@ -143,7 +151,8 @@ def _naive_batches(images: np.ndarray, batch_size: int, seed: int,
 
 
 class Runner:
-    """One variant's model, optimizer and batches; `step()` is one real training update."""
+    """One variant's model, optimizer and batches; `step()` is one real training update (with
+    the --ema average's update, as train_epoch does it)."""
 
     def __init__(self, variant: Variant, cfg: RunConfig, images: np.ndarray,
                  device: torch.device):
@@ -152,6 +161,8 @@ class Runner:
         vae = build_from_config(cfg, tuple(images.shape[1:])).to(device)
         if variant.channels_last:
             vae = vae.to(memory_format=torch.channels_last)
+        self.ema = AveragedModel(vae, multi_avg_fn=ema_update(tc.ema), use_buffers=True) \
+            if tc.ema > 0 else None  # copied before compiling, as train.py does
         if variant.compiled:
             vae.compile()  # in place, as train.py does
         self.variant, self.vae = variant, vae
@@ -168,6 +179,8 @@ class Runner:
         out = training_step(self.vae, self.vae, next(self.inputs), self.opt, self.tc,
                             autocast=self.autocast)
         self.skipped += out["skipped"]
+        if self.ema is not None and not out["skipped"]:
+            self.ema.update_parameters(self.vae)
 
 
 def flops_per_image(vae: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer,

@@ -231,7 +231,7 @@ def cmd_sweep(args) -> int:
 # The settings a training step depends on; the rest of [train] (schedules, budget, logging)
 # never runs in a benchmark.
 BENCH_TRAIN_KEYS = ("batch_size", "lr", "betas", "weight_decay", "grad_clip", "skip_threshold",
-                    "free_bits", "seed", "device", "precision", "channels_last", "compile")
+                    "free_bits", "seed", "device", "precision", "channels_last", "compile", "ema")
 
 
 def _bench_keys() -> list[str]:
