@@ -251,6 +251,33 @@ def cmd_sweep(args) -> int:
     return 0 if all(e["status"] == "done" for e in entries) else 1
 
 
+# The settings a training step depends on; the rest of [train] (schedules, budget, logging)
+# never runs in a benchmark.
+BENCH_TRAIN_KEYS = ("batch_size", "lr", "betas", "weight_decay", "grad_clip", "skip_threshold",
+                    "free_bits", "seed", "device", "precision", "channels_last", "compile", "ema")
+
+
+def _bench_keys() -> list[str]:
+    return [k for k, (sec, _, _) in fields_flat().items()
+            if sec in ("model", "data") or k in BENCH_TRAIN_KEYS]
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, bench_images, format_report
+
+    if args.synthetic and args.data_dir is not None:
+        raise ConfigError("--synthetic makes random images: drop --data-dir (or --synthetic)")
+    if args.matmul_size == 0:
+        raise ConfigError("--matmul-size: expected a positive integer, got 0")
+    cfg = resolve(preset=args.preset, config_file=args.config, environ=os.environ,
+                  overrides=_flag_overrides(args, _bench_keys()))
+    record = bench(cfg, bench_images(cfg, args.synthetic), seconds=args.seconds,
+                   variants=tuple(args.variants), profile=args.profile,
+                   matmul_size=args.matmul_size)
+    print(json.dumps(record, indent=2) if args.json else format_report(record))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import report
 
@@ -336,6 +363,25 @@ def _positive(text: str) -> int:
     if n < 0 or (n == 0 and text.strip() != "0"):
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return x
+
+
+def _variants(text: str) -> list:
+    from .bench import parse_variant
+
+    try:
+        return [parse_variant(t) for t in _list(text)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--variants: "))
 
 
 def _run_arg(p: argparse.ArgumentParser) -> None:
@@ -434,6 +480,40 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     sw.add_argument("--config", help="a TOML file of settings shared by every run")
     _add_config_flags(sw, [k for k in fields_flat() if k not in ("depth", "shortcut")], preset)
     sw.set_defaults(func=cmd_sweep)
+
+    be = sub.add_parser("bench", help="training throughput against this machine's ceiling",
+                        usage="%(prog)s [--preset NAME] [--config FILE] [--seconds S] "
+                              "[--synthetic] [--variants V,...]\n" + " " * 20 +
+                              "[--profile] [--json] [--KEY VALUE ...]",
+                        description="Times the real training step (data path included) of the "
+                        "model the config describes, resolved as `resvae train` resolves it, "
+                        "in one process: images/s after warm-up, FLOPs per training image "
+                        "(forward + backward, counted) and GFLOP/s, the fp32 and bf16 matmul "
+                        "ceilings before and after the model, a naive baseline (eager fp32 "
+                        "NCHW, per-image float conversion) and the data path alone. Variants "
+                        "are interleaved round by round; the configured one is reported first.",
+                        epilog=config_epilog)
+    be.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
+    be.add_argument("--config", metavar="FILE",
+                    help="a TOML (or a run's config.json) file of settings")
+    be.add_argument("--seconds", type=_seconds, default=30.0, metavar="S",
+                    help="measuring time in all, shared by the variants and the baseline "
+                         "(warm-up and ceilings come on top; default 30)")
+    be.add_argument("--synthetic", action="store_true",
+                    help="random uint8 images of CIFAR-10's shape instead of the data set "
+                         "(no data needed)")
+    be.add_argument("--variants", type=_variants, default=[], metavar="V,...",
+                    help="also time these variants, interleaved with the configured one: "
+                         "tokens joined by '+' from fp32 or bf16, cl (channels_last), compiled, "
+                         "fused (fused Adam), e.g. fp32,bf16,bf16+cl,bf16+compiled")
+    be.add_argument("--profile", action="store_true",
+                    help="also list the top operators of the configured variant "
+                         "(torch.profiler)")
+    be.add_argument("--matmul-size", dest="matmul_size", type=_positive, default=2048, metavar="N",
+                    help="N of the N x N x N matmuls that measure the ceilings (default 2048)")
+    be.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_flags(be, _bench_keys(), preset)
+    be.set_defaults(func=cmd_bench)
 
     rp = sub.add_parser("report", help="results table, figures and an HTML page of a sweep")
     rp.add_argument("sweep_dir", metavar="SWEEP_DIR")

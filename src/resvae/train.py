@@ -108,10 +108,36 @@ def make_plateau(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.Re
         threshold=1e-4, threshold_mode="abs", min_lr=cfg.min_lr, eps=0.0)
 
 
+def make_optimizer(vae: torch.nn.Module, cfg, *, fused: bool | None = None) -> torch.optim.Adam:
+    """The Adam of training (and of `resvae bench`, which times the same step). `fused=True`
+    asks for torch's one-kernel Adam; None keeps torch's default implementation."""
+    return torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay, fused=fused)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A callable giving the forward's autocast context: bf16 autocast, or none for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     # Reseeding every epoch from (seed, epoch, rank) makes the noise of epoch k independent of what
     # ran before it, so a resumed run replays exactly and each DDP rank draws its own noise.
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for every i, as one multi-tensor copy per dtype: a copy per buffer
+    is hundreds of tiny kernel launches per step on a GPU for a deep net's BatchNorms."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for d, s in zip(dst, src):
+        pair = groups.setdefault(s.dtype, ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    for d, s in groups.values():
+        torch._foreach_copy_(d, s)
 
 
 def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
@@ -124,7 +150,9 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     on the device (the caller sums them there and reads them back only now and then), and
     `skipped`, the one value the host needs every step."""
     opt.zero_grad(set_to_none=True)
-    saved = [b.detach().clone() for b in vae.buffers()]  # BN running stats, restored on a skip
+    buffers = list(vae.buffers())  # BN running stats, restored on a skip
+    saved = [torch.empty_like(b) for b in buffers]
+    _copy_all(saved, buffers)
     with autocast():
         out = model(x)
     rate = out["kl"].mean(0)  # (L,) nats per latent dim, batch mean
@@ -145,8 +173,7 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     else:
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # the forward pass already moved the BN running statistics
-            for b, s in zip(vae.buffers(), saved):
-                b.copy_(s)
+            _copy_all(buffers, saved)
     stats = {k: out[k].detach().mean() for k in ("loss", "rate", "distortion")}
     return {**stats, "grad_norm": norm.detach(), "skipped": not ok}
 
@@ -381,12 +408,10 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         # In place: the forward (training and evaluation, through DDP too) is compiled, while
         # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
         vae.compile()
-    opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                           weight_decay=tc.weight_decay)
+    opt = make_optimizer(vae, tc)
     state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta),
                        ema)
-    autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) \
-        if tc.precision == "bf16" else contextlib.nullcontext
+    autocast = autocast_context(tc.precision, rt.device)
     s = Session(cfg, rt, run, data, model, autocast,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
                 budget=parse_budget(tc.budget), every=parse_every(tc.checkpoint_every),
@@ -854,4 +879,5 @@ def git_commit() -> str | None:
 
 
 __all__ = ["train", "TrainState", "train_epoch", "log_step", "end_epoch", "finish", "training_step",
-           "EarlyStopping", "make_plateau", "warmup_factor", "kl_beta"]
+           "EarlyStopping", "make_plateau", "make_optimizer", "autocast_context", "warmup_factor",
+           "kl_beta"]
