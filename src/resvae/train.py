@@ -91,7 +91,13 @@ def ema_update(decay: float):
     device: no host sync per step."""
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
         d = ((1 + n) / (10 + n)).clamp(max=decay)
-        torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
+        pairs = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs],
+                                 (1 - d).to(pairs[0][0].dtype))
+        for a, c in zip(averaged, current):  # BatchNorm's batch counters: copied, not averaged
+            if not a.is_floating_point():
+                a.copy_(c)
     return update
 
 
