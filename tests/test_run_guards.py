@@ -77,8 +77,8 @@ def _truncate(p, marker):
     p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
 
 
-def _crafted_pickle(p, marker):
-    p.write_bytes(pickle.dumps({"model": Payload(marker), "epoch": 1}))
+def _crafted_pickle(p, marker, protocol=2):
+    p.write_bytes(pickle.dumps({"model": Payload(marker), "epoch": 1}, protocol=protocol))
 
 
 def _crafted_torch(p, marker):
@@ -89,6 +89,9 @@ BROKEN = {
     "truncated": (_truncate, "truncated or corrupt"),
     "zero bytes": (lambda p, m: p.write_bytes(b""), "empty file (0 bytes)"),
     "crafted pickle": (_crafted_pickle, "refused: it holds Python objects"),
+    # protocol 5's framing is refused before its payload's global is even read
+    "crafted pickle, protocol 5": (lambda p, m: _crafted_pickle(p, m, 5),
+                                   "truncated or corrupt, not a loadable checkpoint"),
     "crafted torch zip": (_crafted_torch, "refused: it holds Python objects"),
     "not a resvae checkpoint": (lambda p, m: torch.save([torch.ones(2)], p),
                                 "not a resvae checkpoint (no 'model' state dict"),
@@ -108,6 +111,8 @@ def test_broken_last_pt_is_named_with_the_way_back(kind, run, tmp_path, capsys):
     assert (f"{best} (epoch 1) is readable: to resume from it, run --resume {run} --resume-from "
             "best" in errors[0])
     assert "weights_only=False" not in errors[0]  # torch's own advice would run the payload
+    if "crafted" in kind:
+        assert "nothing in it was run" in errors[0]
     assert not marker.exists()  # nothing in the file was run
     assert _files(run) == before  # and nothing of the run touched
 
@@ -253,10 +258,12 @@ def test_out_on_a_finished_run_is_refused_untouched(run, capsys):
 
 
 def test_overwrite_replaces_the_run(run, capsys):
+    R.write_json(run / "eval.json", {"iwae_nats": 1.0})  # as `resvae eval` of the old run left it
     rc, err, _ = _cli([*NEW, "--out", str(run), "--overwrite", "--latent-dim", "4"], capsys)
     assert rc == 0, err
     assert R.read_config(run).model.latent_dim == 4 and _epochs(run) == [1]
-    assert not (run / "samples").exists()  # the old run's grids went with it
+    assert not (run / "eval.json").exists()  # nothing of the old run measures the new one
+    assert "--overwrite" in json.loads((run / "argv.json").read_text())
 
 
 def test_out_on_a_run_that_never_finished_an_epoch(tmp_path, capsys):
@@ -297,7 +304,8 @@ def test_disk_full_at_checkpoint_then_resumable(run, monkeypatch, capsys):
     assert "the previous version of it is intact" in errors[0]
     assert errors[0].endswith(f"free space, then continue with resvae train --resume {run}")
     assert R.load_checkpoint(last)["epoch"] == 1
-    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # no temp
+    assert sorted(p.name for p in last.parent.iterdir()) == [  # no temp file left
+        "best.pt", "best.safetensors", "last.pt"]
     monkeypatch.undo()  # space freed
     assert _cli(["train", "--resume", str(run), "--max-epochs", "2"], capsys)[0] == 0
     assert _epochs(run) == [1, 2]

@@ -253,15 +253,21 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load raises almost anything on a damaged or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "Weights only load failed" in first:  # torch's advice (weights_only=False) is unsafe
+        text = str(e).strip()
+        # weights-only refusals carry the unpickler's reason after this tag, not in line one
+        reason = (text.partition("WeightsUnpickler error: ")[2] or text).strip()
+        first = (reason.splitlines() or [type(e).__name__])[0]
+        if "Weights only load failed" in text and "global" in reason.lower():
+            # a pickle asking for a function or class; torch's advice (weights_only=False) would
+            # run it, so it is not passed on
             raise ValueError(f"{path}: refused: it holds Python objects other than tensors and "
                              "plain containers, which could run code when loaded; resvae loads "
                              "checkpoints with weights_only=True and nothing in it was run (a "
                              f"crafted file, or not a resvae checkpoint){_other_checkpoint(path)}"
                              ) from None
+        unrun = "; nothing in it was run" if "Weights only load failed" in text else ""
         raise ValueError(f"{path}: truncated or corrupt, not a loadable checkpoint ({first[:160]})"
-                         f"{_other_checkpoint(path)}") from None
+                         f"{unrun}{_other_checkpoint(path)}") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path}: not a resvae checkpoint (no 'model' state dict in it)"
                          f"{_other_checkpoint(path)}")
