@@ -90,6 +90,9 @@ def ema_update(decay: float):
     bits/dim after one epoch, where the same recipe's raw weights scored 5.21. Computed on the
     device: no host sync per step."""
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+        if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked: a count,
+            torch._foreach_copy_(averaged, current)  # not averaged (lerp has no int kernel)
+            return
         d = ((1 + n) / (10 + n)).clamp(max=decay)
         pairs = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
         if pairs:
