@@ -411,7 +411,7 @@ def wait_for(cond, proc, timeout=300.0):
             return got
         if proc.poll() is not None:
             pytest.fail(f"the run ended (status {proc.returncode}) before the fault: "
-                        + proc.stderr.read()[-2000:])
+                        + (proc.stderr.read() if proc.stderr else "")[-2000:])
         time.sleep(0.02)
     proc.kill()
     pytest.fail("timed out waiting for the run")
@@ -457,17 +457,22 @@ def test_sigkill_inside_an_epoch_then_resume_equals_uninterrupted(tmp_path):
 def test_signal_to_a_running_train_command(tmp_path, signum, status):
     data, env = image_folder(tmp_path / "data"), child_env(tmp_path)
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(data, run, "--max-epochs", "100", "--checkpoint-every",
-                                      ""), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(train_cmd(data, run, "--max-epochs", "100", "--checkpoint-every",
+                                          ""), env=env, stdout=subprocess.PIPE, stderr=stderr,
+                                text=True)
     wait_for(lambda: 1 if (run / "metrics.jsonl").exists() else None, proc)
     proc.send_signal(signum)
-    # two more at once, while it finishes its update and writes the checkpoint (a later one,
-    # after train() has returned and given the handlers back, would end the process the
-    # default way: the files are all written by then)
+    # Two more once its handler has run (pending signals are handled lowest number first, so
+    # sent at once SIGINT could overtake SIGTERM), while it finishes its update and writes the
+    # checkpoint (a later one, after train() has returned and given the handlers back, would
+    # end the process the default way: the files are all written by then).
+    wait_for(lambda: 1 if "stopping after this update" in log.read_text() else None, proc)
     proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signal.SIGINT)
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=300)
+    err = log.read_text()
     assert proc.returncode == status, err[-3000:]
     assert f"resvae: {signum.name}: stopping after this update" in err
     summary = read_json(run / "summary.json")
