@@ -462,14 +462,20 @@ def test_signal_to_a_running_train_command(tmp_path, signum, status):
                             stderr=subprocess.PIPE, text=True)
     wait_for(lambda: 1 if (run / "metrics.jsonl").exists() else None, proc)
     proc.send_signal(signum)
-    # two more at once, while it finishes its update and writes the checkpoint (a later one,
-    # after train() has returned and given the handlers back, would end the process the
-    # default way: the files are all written by then)
+    # once it has taken that one (signals pending together are taken lowest number first),
+    # two more while it finishes its update and writes the checkpoint (one sent after train()
+    # has returned and given the handlers back would end the process the default way, with
+    # every file written by then)
+    announced = ""
+    while "stopping after this update" not in announced:
+        announced = proc.stderr.readline()
+        assert announced, "the run ended without taking the signal"
+    assert announced.startswith(f"resvae: {signum.name}: stopping after this update")
     proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signal.SIGINT)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == status, err[-3000:]
-    assert f"resvae: {signum.name}: stopping after this update" in err
+    assert "already stopping: ignored until the checkpoint is written" in err
     summary = read_json(run / "summary.json")
     ckpt = R.load_checkpoint(run / "checkpoints" / "last.pt")
     assert summary["stop_reason"] == signum.name
@@ -527,6 +533,9 @@ def test_one_ddp_rank_killed_the_other_exits_and_the_run_resumes(tmp_path):
     assert time.monotonic() - t0 < 120
     assert proc.returncode != 0
     assert "exitcode  : -9" in err or "Signal 9" in err or "SIGKILL" in err, err[-3000:]
+    # the survivor says what happened and how to go on
+    assert "resvae: rank 0: the run failed under torchrun" in err, err[-3000:]
+    assert f"train --resume {run}" in err
     ckpt = R.load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] >= 4
     # the run resumes from its last checkpoint, with as many processes
