@@ -23,8 +23,8 @@ VDVAE = [(10.0, 4.64), (60.0, 3.46)]  # (training minutes, test bits/dim), issue
 
 
 def table(runs: list[Path]) -> str:
-    rows = ["| run | model | precision | images seen | training minutes | test bits/dim |",
-            "|---|---|---|---:|---:|---:|"]
+    rows = ["| run | model | precision | lr schedule, weights | images seen | training minutes "
+            "| test bits/dim |", "|---|---|---|---|---:|---:|---:|"]
     for run in runs:
         cfg, s = read_config(run), read_summary(run)
         m, t = cfg.model, cfg.train
@@ -32,7 +32,8 @@ def table(runs: list[Path]) -> str:
                  + (f", {m.stochastic_layers} groups" if m.arch == "hier" else "")
                  + f", width {m.width}, {m.likelihood}")
         prec = t.precision + (" + channels_last" if t.channels_last else "")
-        rows.append(f"| `{run.name}` | {model} | {prec} | {s['images_seen']:,} | "
+        sched = t.lr_schedule + (f", EMA {t.ema}" if t.ema else ", raw")
+        rows.append(f"| `{run.name}` | {model} | {prec} | {sched} | {s['images_seen']:,} | "
                     f"{s['training_seconds'] / 60:.1f} | {s['test_bpd']:.3f} |")
     return "\n".join(rows)
 

@@ -183,7 +183,7 @@ def test_several_unknown_flags_in_one_line(capsys):
 # ----------------------------------------------------------------------------- --print-config
 
 def test_print_config_round_trips_as_config_file(tmp_path, monkeypatch, capsys):
-    # every layer: preset (cpu), file, env, flags; the printed TOML fed back as --config
+    # every layer: preset (resnet-cpu), file, env, flags; the printed TOML fed back as --config
     # (and nothing else) gives the same RunConfig
     f = tmp_path / "mine.toml"
     f.write_text('[train]\nbatch_size = 7\nlr = 0.1\n[data]\ndataset = "shapes"\n')
@@ -192,11 +192,11 @@ def test_print_config_round_trips_as_config_file(tmp_path, monkeypatch, capsys):
     flags = ["--latent-dim", "12", "--budget", "1h30m", "--preact",
              "--data-dir", str(tmp_path / 'odd "dir" \\ name')]
     out = tmp_path / "run"
-    assert main(["train", "--preset", "cpu", "--config", str(f), *flags, "--print-config",
+    assert main(["train", "--preset", "resnet-cpu", "--config", str(f), *flags, "--print-config",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert not out.exists()  # nothing trained, nothing written
-    expected = C.resolve(preset="cpu", config_file=str(f),
+    expected = C.resolve(preset="resnet-cpu", config_file=str(f),
                          environ={"RESVAE_LR": "0.005", "RESVAE_BETAS": "0.5,0.9"},
                          overrides={"latent_dim": "12", "budget": "1h30m", "preact": "true",
                                     "data_dir": str(tmp_path / 'odd "dir" \\ name')})

@@ -294,8 +294,15 @@ def test_study_presets_differ_only_in_depth_and_carry_study_values():
 def test_small_presets():
     cpu, tiny = _resolve(preset="cpu"), _resolve(preset="tiny")
     assert (cpu.model.arch, cpu.model.block, cpu.model.depth, cpu.model.likelihood) == (
-        "resnet", "basic", 20, "dlogistic")
-    assert C.parse_budget(cpu.train.budget) is not None
+        "hier", "basic", 40, "dmol")
+    assert C.parse_budget(cpu.train.budget) == 600
+    # cpu-1h is the same model and recipe, for an hour
+    hour = _resolve(preset="cpu-1h")
+    assert hour.model == cpu.model and C.parse_budget(hour.train.budget) == 3600
+    assert {k for k in vars(cpu.train) if getattr(cpu.train, k) != getattr(hour.train, k)} == {
+        "ema", "budget"}
+    old = _resolve(preset="resnet-cpu")
+    assert (old.model.arch, old.model.depth, old.model.likelihood) == ("resnet", 20, "dlogistic")
     assert tiny.data.dataset == "shapes" and tiny.train.max_epochs == 2 and tiny.model.latent_dim == 8
 
 

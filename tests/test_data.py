@@ -122,7 +122,7 @@ def test_cifar_download_file_url(tmp_path, monkeypatch):
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     monkeypatch.setattr(data, "CIFAR10_MD5", _write_cifar_archive(archive))
     cache = tmp_path / "cache2"
-    s = load_dataset("cifar10", cache_dir=str(cache), url=archive.as_uri())
+    s = load_dataset("cifar10", cache_dir=str(cache), url=archive.as_uri(), download=True)
     _check_cifar(s)
     assert (cache / "cifar-10-python.tar.gz").is_file()
     # Found in the cache now: an unreachable URL is never contacted.
@@ -133,13 +133,13 @@ def test_cifar_download_bad_md5(tmp_path):
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     _write_cifar_archive(archive)  # the real CIFAR10_MD5 will not match
     with pytest.raises(DataError, match="md5"):
-        load_dataset("cifar10", url=archive.as_uri())
+        load_dataset("cifar10", url=archive.as_uri(), download=True)
     assert not list((tmp_path / "cache").iterdir())  # neither the archive nor a .part file
 
 
 def test_cifar_download_offline(tmp_path):
     with pytest.raises(DataError, match="offline.*--data-dir.*RESVAE_DATA_DIR.*cifar-10-batches"):
-        load_dataset("cifar10", url="http://127.0.0.1:9/x.tar.gz")
+        load_dataset("cifar10", download=True, url="http://127.0.0.1:9/x.tar.gz")
     with pytest.raises(DataError, match="offline"):
         load_dataset("cifar10", str(tmp_path), download=True, url="http://127.0.0.1:9/x.tar.gz")
     assert not list((tmp_path / "cache").glob("*.part"))  # no half-downloaded files left
@@ -170,7 +170,12 @@ def _make_folder(root):
 
 def test_folder_decodes_and_converts(tmp_path):
     _make_folder(tmp_path / "f")
-    s = load_dataset("folder", str(tmp_path / "f"))
+    with pytest.warns(UserWarning) as said:  # what the conversion did is said, with a file each
+        s = load_dataset("folder", str(tmp_path / "f"))
+    said = " ".join(str(w.message) for w in said)
+    assert "ignored 1 entry" in said and "README.txt" in said
+    assert "grayscale" in said and "gray.PNG" in said
+    assert "transparent pixels: alpha dropped" in said and "rgba.png" in said
     assert s.train.images.shape == (5, 3, 8, 8) and s.test.images.shape == (2, 3, 8, 8)
     assert s.train.classes == ["a", "b"] and s.train.labels.tolist() == [0, 0, 0, 1, 1]
     gray, pal, red = s.train.images[:3]  # sorted: gray.PNG, pal.gif, x.png

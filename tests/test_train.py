@@ -318,8 +318,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         buf = io.BytesIO()
         real_save(obj, buf)
         data = buf.getvalue()
-        with open(f, "wb") as fh:
-            fh.write(data[:len(data) // 2])
+        f.write(data[:len(data) // 2])  # save_checkpoint hands torch.save a file object
         raise OSError("No space left on device")
 
     monkeypatch.setattr(R.torch, "save", half_then_fail)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 import typing
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -22,6 +24,7 @@ from .config import (
     resolve,
     to_toml,
 )
+from .files import EXIT_DISK_FULL, DiskFullError
 
 MODEL_KEYS = [k for k, (sec, _, _) in fields_flat().items() if sec == "model"]
 PRECEDENCE = "defaults < --preset < --config FILE < RESVAE_<KEY> environment variables < flags"
@@ -174,7 +177,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .runs import check_fresh, resume_config
+    from . import distributed as D
+    from .runs import RunLock, check_fresh, clear_run, resume_config
     from .stops import exit_status
     from .train import train
 
@@ -187,6 +191,8 @@ def cmd_train(args) -> int:
         if args.preset or args.config:
             raise ConfigError("--resume takes its config from the run directory; "
                               "drop --preset/--config")
+        if args.overwrite or args.out:
+            raise ConfigError("--resume continues the run in RUN_DIR; drop --overwrite/--out")
         cfg = resume_config(args.resume, os.environ, overrides, resume_from=resume_from)
         out = Path(args.resume)
     else:
@@ -198,8 +204,16 @@ def cmd_train(args) -> int:
                            f"{PRECEDENCE}.\nTrain with it: resvae train --config FILE"), end="")
         return 0
     if not args.resume:
-        check_fresh(out)
-    summary = train(cfg, out, resume=bool(args.resume), resume_from=resume_from, argv=args.argv)
+        check_fresh(out, overwrite=args.overwrite)
+    # one process per run directory (under torchrun, rank 0 speaks for all): a second run, or a
+    # --resume of a run still going, is refused instead of interleaving their records
+    lock = RunLock(out, "--resume" if args.resume else "--out") if D.launched_as_main() \
+        else contextlib.nullcontext()
+    with lock:
+        if args.overwrite and D.launched_as_main():
+            clear_run(out)  # the new config is valid and no one else is writing here
+        summary = train(cfg, out, resume=bool(args.resume), resume_from=resume_from,
+                        argv=args.argv)
     if (status := exit_status(summary.get("stop_reason"))) is not None:
         return status  # 143 after SIGTERM, 130 after SIGINT: what schedulers and shells expect
     return 3 if summary.get("stop_reason") == "non_finite" else 0
@@ -235,6 +249,33 @@ def cmd_sweep(args) -> int:
     out = Path(args.out or default_out)
     entries = sweep(spec, out, environ=os.environ)
     return 0 if all(e["status"] == "done" for e in entries) else 1
+
+
+# The settings a training step depends on; the rest of [train] (schedules, budget, logging)
+# never runs in a benchmark.
+BENCH_TRAIN_KEYS = ("batch_size", "lr", "betas", "weight_decay", "grad_clip", "skip_threshold",
+                    "free_bits", "seed", "device", "precision", "channels_last", "compile", "ema")
+
+
+def _bench_keys() -> list[str]:
+    return [k for k, (sec, _, _) in fields_flat().items()
+            if sec in ("model", "data") or k in BENCH_TRAIN_KEYS]
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, bench_images, format_report
+
+    if args.synthetic and args.data_dir is not None:
+        raise ConfigError("--synthetic makes random images: drop --data-dir (or --synthetic)")
+    if args.matmul_size == 0:
+        raise ConfigError("--matmul-size: expected a positive integer, got 0")
+    cfg = resolve(preset=args.preset, config_file=args.config, environ=os.environ,
+                  overrides=_flag_overrides(args, _bench_keys()))
+    record = bench(cfg, bench_images(cfg, args.synthetic), seconds=args.seconds,
+                   variants=tuple(args.variants), profile=args.profile,
+                   matmul_size=args.matmul_size)
+    print(json.dumps(record, indent=2) if args.json else format_report(record))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -324,6 +365,25 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return x
+
+
+def _variants(text: str) -> list:
+    from .bench import parse_variant
+
+    try:
+        return [parse_variant(t) for t in _list(text)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--variants: "))
+
+
 def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="a run directory, a folder written by `resvae export`, or a "
@@ -365,8 +425,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("train", help="train a VAE",
-                        usage="%(prog)s [--preset NAME] [--config FILE] [--out DIR | --resume "
-                              "RUN_DIR]\n" + " " * 20 + "[--print-config] [--KEY VALUE ...]",
+                        usage="%(prog)s [--preset NAME] [--config FILE] [--out DIR [--overwrite] "
+                              "| --resume\n" + " " * 20 + "RUN_DIR] [--print-config] "
+                              "[--KEY VALUE ...]",
                         description="Train a VAE; writes config.json, metrics.jsonl, checkpoints, "
                         "sample/reconstruction grids and summary.json into the run directory. "
                         "Under torchrun it trains with DistributedDataParallel.",
@@ -386,6 +447,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                          "written inside an epoch, did not see)\n"
                          "  PATH: any checkpoint file of this run (a copy kept aside)\n"
                          "metrics.jsonl loses the epochs after it; history.jsonl records it")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run --out holds (its files are removed once the new "
+                         "config is valid); without it a new run never lands on an old one")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config as TOML (usable as --config FILE) and exit "
                          "without training")
@@ -416,6 +480,40 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     sw.add_argument("--config", help="a TOML file of settings shared by every run")
     _add_config_flags(sw, [k for k in fields_flat() if k not in ("depth", "shortcut")], preset)
     sw.set_defaults(func=cmd_sweep)
+
+    be = sub.add_parser("bench", help="training throughput against this machine's ceiling",
+                        usage="%(prog)s [--preset NAME] [--config FILE] [--seconds S] "
+                              "[--synthetic] [--variants V,...]\n" + " " * 20 +
+                              "[--profile] [--json] [--KEY VALUE ...]",
+                        description="Times the real training step (data path included) of the "
+                        "model the config describes, resolved as `resvae train` resolves it, "
+                        "in one process: images/s after warm-up, FLOPs per training image "
+                        "(forward + backward, counted) and GFLOP/s, the fp32 and bf16 matmul "
+                        "ceilings before and after the model, a naive baseline (eager fp32 "
+                        "NCHW, per-image float conversion) and the data path alone. Variants "
+                        "are interleaved round by round; the configured one is reported first.",
+                        epilog=config_epilog)
+    be.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
+    be.add_argument("--config", metavar="FILE",
+                    help="a TOML (or a run's config.json) file of settings")
+    be.add_argument("--seconds", type=_seconds, default=30.0, metavar="S",
+                    help="measuring time in all, shared by the variants and the baseline "
+                         "(warm-up and ceilings come on top; default 30)")
+    be.add_argument("--synthetic", action="store_true",
+                    help="random uint8 images of CIFAR-10's shape instead of the data set "
+                         "(no data needed)")
+    be.add_argument("--variants", type=_variants, default=[], metavar="V,...",
+                    help="also time these variants, interleaved with the configured one: "
+                         "tokens joined by '+' from fp32 or bf16, cl (channels_last), compiled, "
+                         "fused (fused Adam), e.g. fp32,bf16,bf16+cl,bf16+compiled")
+    be.add_argument("--profile", action="store_true",
+                    help="also list the top operators of the configured variant "
+                         "(torch.profiler)")
+    be.add_argument("--matmul-size", dest="matmul_size", type=_positive, default=2048, metavar="N",
+                    help="N of the N x N x N matmuls that measure the ceilings (default 2048)")
+    be.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_flags(be, _bench_keys(), preset)
+    be.set_defaults(func=cmd_bench)
 
     rp = sub.add_parser("report", help="results table, figures and an HTML page of a sweep")
     rp.add_argument("sweep_dir", metavar="SWEEP_DIR")
@@ -519,11 +617,24 @@ def main(argv: list[str] | None = None) -> int:
         _unrecognized(parser.subcommands.get(getattr(args, "command", None), parser), extra)
     args.argv = ["resvae", *argv]
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
+    except DiskFullError as e:  # not bad input: the run is resumable once space is freed
+        run = getattr(args, "resume", None) or getattr(args, "out", None)
+        print(f"resvae {args.command}: error: {e}"
+              + (f"; free space, then continue with resvae train --resume {run}"
+                 if args.command == "train" and run else ""), file=sys.stderr)
+        return EXIT_DISK_FULL
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, bad model options
         # Bad input: one clear line naming the flag/file, not a traceback.
         print(f"resvae {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # a note to the user, not to a developer: no source file and line
+    print(f"resvae: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

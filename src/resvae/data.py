@@ -103,18 +103,21 @@ def _progress(iterable=None, **kw):
 # ----------------------------------------------------------------------------- cache
 
 def _tree_fingerprint(root: Path) -> list[int]:
-    """Cheap change detector for a directory tree: [files, total bytes, max mtime_ns]."""
+    """Cheap change detector for an image folder split: [files, total bytes, max mtime_ns] of
+    root/<class>/* (the two levels `_list_images` reads; symbolic links are followed there, so a
+    link loop deeper down is never walked, and one at those levels is a DataError naming it)."""
     count = total = 0
     newest = root.stat().st_mtime_ns
-    stack = [root]
-    while stack:
-        with os.scandir(stack.pop()) as it:
+    for level in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        with os.scandir(level) as it:
             for entry in it:
-                st = entry.stat()
+                try:
+                    st = entry.stat()
+                except OSError as e:
+                    raise DataError(f"cannot read {entry.path} in the image folder ({e.strerror}; "
+                                    "a broken symbolic link or a link loop?): remove it") from None
                 newest = max(newest, st.st_mtime_ns)  # dir mtimes catch adds/removes/renames
-                if entry.is_dir():
-                    stack.append(Path(entry.path))
-                else:
+                if level is not root and not entry.is_dir():
                     count += 1
                     total += st.st_size
     return [count, total, newest]
@@ -183,25 +186,32 @@ def _list_images(split_dir: Path, classes: list[str] | None):
         raise DataError(f"{split_dir} has no class subdirectories; expected {split_dir}/<class>/*")
     if classes is not None and found != classes:
         raise DataError(f"class folders in {split_dir} {found} differ from train/'s {classes}")
-    files, labels = [], []
+    files, labels, skipped = [], [], []
     for k, cls in enumerate(found):
-        imgs = sorted(p for p in (split_dir / cls).iterdir()
-                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        entries = sorted((split_dir / cls).iterdir())
+        imgs = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         if not imgs:
             raise DataError(f"class folder {split_dir / cls} contains no images "
                             f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
         files += imgs
         labels += [k] * len(imgs)
+        skipped += [p for p in entries if p not in imgs and not p.name.startswith(".")]
+    if skipped:  # README.txt, sub-folders, broken links: said once, never silently
+        warnings.warn(f"{split_dir}: ignored {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} "
+                      f"that {'is' if len(skipped) == 1 else 'are'} not an image file by "
+                      f"extension ({', '.join(IMAGE_EXTENSIONS)}), e.g. {skipped[0]}", stacklevel=2)
     return files, labels, found
 
 
 def _decode_images(files: list[Path], image_size: int, expected: tuple | None, desc: str):
     """Decode files into a uint8 (N, 3, S, S) array; `expected` is (size, first_file) or None."""
-    out = None
+    out, converted = None, {}
     for i, path in enumerate(_progress(files, desc=desc, unit="img")):
         try:
             with Image.open(path) as im:
                 im.load()  # forces a full decode so truncated files raise here
+                if im.mode != "RGB":
+                    converted.setdefault(_conversion(im), path)
                 im = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {path}: {e}") from e
@@ -216,14 +226,27 @@ def _decode_images(files: list[Path], image_size: int, expected: tuple | None, d
         if out is None:
             out = np.empty((len(files), 3, im.size[1], im.size[0]), np.uint8)
         out[i] = np.asarray(im).transpose(2, 0, 1)
+    if converted:  # resvae trains on RGB; what that did to other modes is said, not hidden
+        warnings.warn(f"{desc}: converted to RGB: " + "; ".join(
+            f"{what} (e.g. {path})" for what, path in converted.items()), stacklevel=3)
     return out, expected
+
+
+def _conversion(im: Image.Image) -> str:
+    """What converting `im` to RGB does, in words (the transparent case loses information)."""
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+    if has_alpha and im.convert("RGBA").getextrema()[3][0] < 255:
+        return "images with transparent pixels: alpha dropped, the colour under it kept"
+    if im.mode in ("L", "1", "I", "I;16", "F", "LA"):
+        return "grayscale images: the gray value repeated in R, G and B"
+    return f"{im.mode} images"
 
 
 def _decode_folder(root: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
     tr_files, tr_labels, classes = _list_images(root / "train", None)
     te_files, te_labels, _ = _list_images(root / "test", classes)
-    tr, expected = _decode_images(tr_files, image_size, None, "decode train")
-    te, _ = _decode_images(te_files, image_size, expected, "decode test")
+    tr, expected = _decode_images(tr_files, image_size, None, f"decode {root / 'train'}")
+    te, _ = _decode_images(te_files, image_size, expected, f"decode {root / 'test'}")
     return (ImageSet(tr, np.array(tr_labels, np.int64), classes),
             ImageSet(te, np.array(te_labels, np.int64), classes))
 
@@ -391,6 +414,11 @@ def _load_cifar10(data_dir: str | None, image_size: int, download: bool, url: st
                         "(or pass --download)")
     if found is None and not download:
         found = _find_cifar(cache_dir)  # a previous download lives in the cache dir
+    if found is None and not download:  # only --download may touch the network
+        raise DataError(f"no local CIFAR-10 copy: --data-dir (or RESVAE_DATA_DIR) is not set "
+                        f"and the cache {cache_dir} holds none; point --data-dir PATH at one "
+                        f"({CIFAR10_LAYOUTS}) or pass --download to fetch it (163 MB) into the "
+                        "cache")
     if found is None:
         archive = cache_dir / CIFAR10_ARCHIVE
         if not (archive.is_file() and _md5(archive) == CIFAR10_MD5):
@@ -579,6 +607,9 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 0,
         train, test, source = _load_cifar10(data_dir, image_size, download, url, cache)
     else:
         train, test, source = _load_mnist(name, data_dir, image_size, pad_to_32, cache)
+    if subset > len(train.images):  # not "all of them": a run of N images was asked for
+        raise DataError(f"--subset {subset} is larger than the {len(train.images)} training "
+                        f"images of {source}; use --subset 0 for all of them")
     if subset:
         train = _take(train, _subset_indices(train.labels, len(train.images), subset))
     val = test  # the original study validated on the test split

@@ -50,6 +50,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 (or alone), before `setup` has run: the one that writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str = "auto", timeout: float | None = None) -> Runtime:
     """Initialise the process group when launched by torchrun; a plain process is rank 0 of 1.
     `timeout` (seconds): how long a collective waits for the other ranks before it fails, so a

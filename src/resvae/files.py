@@ -1,23 +1,59 @@
-"""Atomic file writes, the one way resvae writes a file others may read while it runs."""
+"""Atomic file writes, the one way resvae writes a file others may read while it runs, and the
+error a full disk turns into."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# sysexits.h's EX_IOERR: the exit status of a command stopped by a full disk (2 is bad input,
+# 3 a run stopped by non-finite losses)
+EXIT_DISK_FULL = 74
+
+
+class DiskFullError(OSError):
+    """A write failed because its file system is full (ENOSPC) or the user's quota is spent
+    (EDQUOT); the message names the file and what was kept."""
+
+
+def _free(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there now"
+    return "free space unknown"
+
+
+@contextlib.contextmanager
+def disk_full_is_named(path: Path, kept: str) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT inside the block into a DiskFullError naming `path` and saying what
+    survived (`kept`); other errors pass through unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(e.errno, f"{path}: the disk is full ({e.strerror}; {_free(path)}) "
+                            f"while writing it; {kept}") from e
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temp path in `path`'s directory, then os.replace it onto `path`.
 
     Readers see the old file or the new one, never half of one; if `write` raises, the temp
-    file is removed and `path` is untouched.
+    file is removed and `path` is untouched. A full disk is a DiskFullError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    kept = "the previous version of it is intact" if path.exists() else "nothing was written"
+    with disk_full_is_named(path, kept):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

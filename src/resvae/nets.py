@@ -62,9 +62,10 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         h = self.fc(z).view(z.shape[0], *self.shape)  # e.g. (B, 64, 4, 4) in the study
         p = self.out(self.body(h))
-        # 28x28 inputs (MNIST) reach 4x4 by ceil-halving; coming back up gives 32x32: crop the centre.
-        off = (p.shape[-1] - self.image_size) // 2
-        return p[..., off:off + self.image_size, off:off + self.image_size] if off else p
+        # 28x28 inputs (MNIST) reach 4x4 by ceil-halving; coming back up gives 32x32: crop the
+        # centre. An odd size (7 -> 1 -> 8) leaves one extra row and column, cropped just the same.
+        off, s = (p.shape[-1] - self.image_size) // 2, self.image_size
+        return p[..., off:off + s, off:off + s] if p.shape[-1] != s else p
 
 
 def bottom_size(image_size: int) -> int:

@@ -10,6 +10,7 @@
     RUN_DIR/checkpoints/{last,best}.pt, best.safetensors
     RUN_DIR/samples/epoch_NNNN.png, RUN_DIR/recon/epoch_NNNN.png
     RUN_DIR/tensorboard/         TensorBoard event files (--tensorboard)
+    RUN_DIR/.lock                held (flock) by the process training into it, while it runs
 
 and an exported folder (`resvae export --format hub`), the weights alone with their config:
 
@@ -24,8 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
+import shutil
+import socket
+import sys
+import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,7 +39,12 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ConfigError, RunConfig, from_dict, resolve, to_dict
-from .files import atomic_write
+from .files import DiskFullError, atomic_write, disk_full_is_named
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; run directories are not locked there
+    fcntl = None
 from .vae import VAE, build_from_config
 
 CHECKPOINTS = ("last", "best")
@@ -99,31 +108,53 @@ def read_config(run_dir) -> RunConfig:
     return from_dict(read_json(path), source=str(path))
 
 
-def read_metrics(run_dir) -> list[dict]:
-    """The per-epoch records, oldest first; [] before the first epoch ends."""
-    path = RunDir(run_dir).metrics
-    if not path.exists():
-        return []
+def _read_records(path: Path) -> tuple[list[dict], str | None]:
+    """metrics.jsonl's records, and the unterminated last line when it is not a whole record: a
+    write in progress, or one a crash (or a full disk) cut off. A bad line anywhere else is an
+    error naming the file and line."""
+    text = path.read_text()
+    lines = text.splitlines()
+    torn = None
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            torn = lines.pop()
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
-    return out
+    return out, torn
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The per-epoch records, oldest first; [] before the first epoch ends. A torn last line (see
+    `_read_records`) is not a record and is left out."""
+    path = RunDir(run_dir).metrics
+    return _read_records(path)[0] if path.exists() else []
 
 
 def append_metrics(run_dir, record: dict) -> None:
-    with open(RunDir(run_dir).metrics, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = RunDir(run_dir).metrics
+    line = json.dumps(record) + "\n"  # serialise first: a bad value writes nothing
+    with disk_full_is_named(path, "the records before this one are intact (a torn last line "
+                            "is dropped on --resume)"), open(path, "a") as f:
+        f.write(line)
 
 
 def keep_metrics(run_dir, epochs_done: int) -> None:
-    """On resume, drop records of epochs after the checkpoint (written before a crash)."""
+    """On resume, drop records of epochs after the checkpoint (written before a crash), and a
+    torn last line, saying so."""
     path = RunDir(run_dir).metrics
     if path.exists():
-        keep = [r for r in read_metrics(run_dir) if r["epoch"] <= epochs_done]
+        records, torn = _read_records(path)
+        if torn is not None:
+            warnings.warn(f"{path}: dropped a torn last line (a write cut off by a crash or a "
+                          f"full disk): {torn[:60]!r}", stacklevel=2)
+        keep = [r for r in records if r["epoch"] <= epochs_done]
         atomic_write(path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
@@ -179,7 +210,12 @@ def is_finished(run_dir) -> bool:
 
 # --- checkpoints ------------------------------------------------------------------------------
 def save_checkpoint(state: Mapping, path: Path) -> None:
-    atomic_write(Path(path), lambda tmp: torch.save(dict(state), tmp))
+    def write(tmp: Path) -> None:
+        # a Python file object, not a path: torch's own writer reports a full disk as
+        # "enforce fail at inline_container.cc", a file object as the OSError it is
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+    atomic_write(Path(path), write)
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:
@@ -206,15 +242,35 @@ def _alive(pid: int) -> bool:
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """The one checkpoint loader: weights_only=True (no arbitrary pickles); strips torch.compile's
-    `_orig_mod.` and DDP's `module.` prefixes. A broken file is a ValueError naming it."""
+    `_orig_mod.` and DDP's `module.` prefixes. A broken file is a ValueError naming it (and, for
+    a broken last.pt beside a good best.pt, how to resume from that)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint: its write was cut off "
+                         f"before it began{_other_checkpoint(path)}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a loadable resvae checkpoint "
-                         f"({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # torch.load raises almost anything on a damaged or foreign file
+        text = str(e).strip()
+        # weights-only refusals carry the unpickler's reason after this tag, not in line one
+        reason = (text.partition("WeightsUnpickler error: ")[2] or text).strip()
+        first = (reason.splitlines() or [type(e).__name__])[0]
+        if "Weights only load failed" in text and "global" in reason.lower():
+            # a pickle asking for a function or class; torch's advice (weights_only=False) would
+            # run it, so it is not passed on
+            raise ValueError(f"{path}: refused: it holds Python objects other than tensors and "
+                             "plain containers, which could run code when loaded; resvae loads "
+                             "checkpoints with weights_only=True and nothing in it was run (a "
+                             f"crafted file, or not a resvae checkpoint){_other_checkpoint(path)}"
+                             ) from None
+        unrun = "; nothing in it was run" if "Weights only load failed" in text else ""
+        raise ValueError(f"{path}: truncated or corrupt, not a loadable checkpoint ({first[:160]})"
+                         f"{unrun}{_other_checkpoint(path)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{path}: not a resvae checkpoint (no 'model' state dict in it)"
+                         f"{_other_checkpoint(path)}")
     state["model"] = {_strip_wrappers(k): v for k, v in state["model"].items()}
     return state
 
@@ -222,6 +278,19 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 def eval_weights(ckpt: Mapping) -> dict:
     """The weights a checkpoint's run evaluated and saved: the --ema average when it kept one."""
     return ckpt.get("ema", ckpt["model"])
+
+
+def _other_checkpoint(path: Path) -> str:
+    """For a broken last.pt: the readable best.pt beside it, and how to resume from it."""
+    best = path.with_name("best.pt")
+    if path.name != "last.pt" or not best.is_file():
+        return ""
+    try:
+        epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
+    except Exception:
+        return f"; {best.name} beside it is broken too"
+    return (f"; {best} (epoch {epoch}) is readable: to resume from it, run --resume "
+            f"{path.parent.parent} --resume-from best; the epochs after {epoch} are lost")
 
 
 def _strip_wrappers(key: str) -> str:
@@ -349,7 +418,8 @@ def resume_checkpoint(run_dir, resume_from: str = "last") -> Path:
 def resume_config(run_dir, environ: Mapping[str, str], overrides: Mapping,
                   resume_from: str = "last") -> RunConfig:
     """The config to continue `run_dir` with: its config.json under env vars and flags, which may
-    change training settings (lr, budget, max_epochs...) but never the model."""
+    change training settings (lr, budget, max_epochs...) but never the model, the data or the
+    seed (they fix the weights' shapes, the data order and the held-out split)."""
     run = RunDir(run_dir)
     resume_checkpoint(run.root, resume_from)
     cfg = resolve(config_file=str(run.config), environ=environ, overrides=overrides)
@@ -359,15 +429,180 @@ def resume_config(run_dir, environ: Mapping[str, str], overrides: Mapping,
                          for k, v in vars(saved.model).items() if getattr(cfg.model, k) != v)
         raise ConfigError(f"--resume {run.root}: the model settings differ from the run's "
                           f"config.json ({diff}; from flags or RESVAE_* variables); they must match")
+    # data_dir and download may change: the same data can move, or be fetched again
+    fixed = [("data", k) for k in vars(saved.data) if k not in ("data_dir", "download")]
+    diff = [f"{k} {getattr(getattr(saved, sec), k)!r} in the run vs "
+            f"{getattr(getattr(cfg, sec), k)!r}"
+            for sec, k in (*fixed, ("train", "seed"))
+            if getattr(getattr(saved, sec), k) != getattr(getattr(cfg, sec), k)]
+    if diff:
+        raise ConfigError(f"--resume {run.root}: {', '.join(diff)} (from flags or RESVAE_* "
+                          "variables); a resumed run keeps the data and seed it started with: "
+                          "drop those settings, or start a new run with --out")
     return cfg
 
 
-def check_fresh(run_dir) -> None:
-    """A new run must not land on top of another one."""
+def load_resume_checkpoint(path: Path, image_shape, map_location="cpu") -> dict:
+    """The checkpoint a run resumes from, checked against the images it will train on (data
+    moved with --data-dir can differ in shape from what the weights were trained on)."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    if "image_shape" in ckpt and tuple(ckpt["image_shape"]) != tuple(image_shape):
+        raise ValueError(f"--resume {path}: its checkpoint was trained on images of shape "
+                         f"{tuple(ckpt['image_shape'])}, the data found now are "
+                         f"{tuple(image_shape)}; point --data-dir at the run's data")
+    return ckpt
+
+
+def load_best_weights(run: RunDir, resumed: dict, log=None) -> dict | None:
+    """The best weights so far of a run resumed from the checkpoint `resumed`, from
+    checkpoints/best.pt; None before any, and None when best.pt is not the resumed state's own
+    best epoch (a budget-cut epoch's, or one newer than a --resume-from checkpoint). A broken
+    best.pt does not block the resume: when the resumed state's last epoch was its best, it
+    holds the same weights and best.pt is rewritten from it; otherwise the best weights are
+    lost, and the message says so."""
+    log = log or (lambda text, err=True: print(text, file=sys.stderr))
+    path = run.checkpoint("best")
+    if not path.exists():
+        return None
+    try:
+        best = load_checkpoint(path)
+    except ValueError as e:
+        if (resumed.get("best_epoch") and resumed.get("best_epoch") == resumed.get("epoch")
+                and resumed.get("progress") is None):
+            # both were saved from the same state at the end of that epoch
+            save_checkpoint(resumed, path)
+            log(f"resvae: warning: {e}; its epoch {resumed['epoch']} is also the resumed "
+                "checkpoint's, so it was rewritten from the resumed checkpoint", err=True)
+            return {k: v.detach().to("cpu", copy=True) for k, v in eval_weights(resumed).items()}
+        log(f"resvae: warning: {e}; the best weights so far (epoch {resumed.get('best_epoch')}) "
+            "are lost: the next improving epoch writes a new best.pt, and the test figures of "
+            "this run come from the weights it ends with until then", err=True)
+        return None
+    if best.get("progress") is None and best.get("epoch") == resumed.get("best_epoch"):
+        return eval_weights(best)
+    return None
+
+
+# --- one process per run directory ----------------------------------------------------------
+LOCK_NAME = ".lock"
+_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+def holds_run(root: Path) -> bool:
+    """Whether `root` holds (part of) a run: what `resvae train` writes first and last."""
+    return any((Path(root) / name).exists() for name in _RUN_FILES)
+
+
+def check_fresh(run_dir, overwrite: bool = False) -> None:
+    """A new run must not land on top of another one, nor on a file; `overwrite` lets it
+    replace a run (`clear_run`, once the new config is valid and the directory locked)."""
     run = RunDir(run_dir)
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"--out {run.root}: is a file, not a directory; choose another --out")
+    if overwrite or not holds_run(run.root):
+        return
     if run.checkpoint("last").exists():
-        raise ConfigError(f"--out {run.root}: already holds a run; use --resume {run.root} to "
-                          "continue it, or choose another --out")
+        done = run.summary.exists() and is_finished(run.root)
+        raise ConfigError(f"--out {run.root}: already holds a {'finished ' if done else ''}run; "
+                          f"use --resume {run.root} to continue it, --overwrite to replace it, "
+                          "or choose another --out")
+    raise ConfigError(f"--out {run.root}: already holds a run that never finished an epoch (no "
+                      "checkpoints/last.pt to resume from); --overwrite replaces it, or choose "
+                      "another --out")
+
+
+def clear_run(run_dir) -> None:
+    """`--overwrite`: remove everything in a run directory but its lock."""
+    root = Path(run_dir)
+    if not holds_run(root):
+        return  # not a run: nothing of someone else's is deleted
+    for entry in root.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+class RunLocked(ConfigError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """RUN_DIR/.lock, held with fcntl.flock by the one process writing into a run directory, from
+    before its first write until it exits. The kernel releases a flock when its process dies,
+    however it dies (SIGKILL included), so a crashed run leaves no stale lock behind; the file
+    holds the holder's pid and host for the message that turns a second process away.
+
+    flock is advisory and local to a machine: on NFS it holds across clients only where the
+    server supports locks (Linux >= 2.6.12 maps flock to NFS byte-range locks); on a file system
+    without them two hosts may both get it. On Windows (no fcntl) runs are not locked.
+
+    A directory this lock created is removed again on exit if nothing else was written into it,
+    so a run refused for bad input leaves nothing behind.
+    """
+
+    def __init__(self, run_dir, flag: str = "--out"):
+        self.root, self.flag, self.fd, self.created = Path(run_dir), flag, None, []
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        self.created = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        path = self.root / LOCK_NAME
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 1000, 0).decode(errors="replace")
+                    os.close(fd)
+                    raise RunLocked(self._refusal(holder)) from None
+                # its last holder may have unlinked the file between our open and flock
+                if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except RunLocked:
+            self._remove_created()
+            raise
+        except OSError as e:
+            self._remove_created()
+            raise ConfigError(f"{self.flag} {self.root}: cannot write into it ({e.strerror}: "
+                              f"{e.filename}); choose a writable directory") from None
+        self.fd = fd
+        return self
+
+    def _refusal(self, holder: str) -> str:
+        try:
+            h = json.loads(holder)
+            who = f"pid {h['pid']} on {h['host']}, since {h['started']}"
+        except (ValueError, KeyError, TypeError):
+            who = "pid not yet recorded"
+        return (f"{self.flag} {self.root}: another resvae process is training into this run "
+                f"directory ({who}); wait for it to end or stop it, or use another --out (its "
+                f"lock, {self.root / LOCK_NAME}, goes when it exits, even if killed)")
+
+    def _remove_created(self) -> None:
+        for d in self.created:  # deepest first; stops at the first that is not empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        # unlinked before it is released: a process that opened the old file then finds it gone
+        (self.root / LOCK_NAME).unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        self._remove_created()
 
 
 __all__ = ["RunDir", "load_run", "load_pretrained", "save_pretrained", "is_exported",
@@ -375,4 +610,6 @@ __all__ = ["RunDir", "load_run", "load_pretrained", "save_pretrained", "is_expor
            "read_metrics", "read_summary", "read_config", "read_json", "write_json",
            "append_metrics", "keep_metrics", "is_finished", "resume_config", "check_fresh",
            "resume_checkpoint", "read_history", "start_history", "end_history",
-           "remove_stale_temps"]
+           "remove_stale_temps",
+           "load_resume_checkpoint", "load_best_weights", "holds_run", "clear_run", "RunLock",
+           "RunLocked", "DiskFullError"]

@@ -25,8 +25,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, fields_flat, load_toml, resolve, to_dict
-from .runs import RunDir, is_finished, read_config, read_json, write_json
+from .config import (
+    ConfigError,
+    RunConfig,
+    apply_dict,
+    fields_flat,
+    load_toml,
+    resolve,
+    to_dict,
+)
+from .runs import RunDir, RunLock, is_finished, read_config, read_json, write_json
 
 SWEEP_FILE_KEYS = {"preset", "config", "out", "grid", "set", "budget_per_run", "iwae_k", "iwae_n"}
 
@@ -73,8 +81,12 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
     grid = d.get("grid") or {}
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: [grid] must map config keys to non-empty lists, got {grid!r}")
+    fixed = dict(d.get("set") or {})
+    # unknown keys and wrong types, named with the file they are in (not as flags)
+    apply_dict(RunConfig(), fixed, f"{path} [set]")
+    apply_dict(RunConfig(), {k: v[0] for k, v in grid.items()}, f"{path} [grid]")
     return SweepSpec(grid=grid, preset=d.get("preset"), config=d.get("config"),
-                     fixed=dict(d.get("set") or {}), budget_per_run=d.get("budget_per_run", ""),
+                     fixed=fixed, budget_per_run=d.get("budget_per_run", ""),
                      iwae_k=d.get("iwae_k", 100), iwae_n=d.get("iwae_n", 1000),
                      out=d.get("out", ""))
 
@@ -153,8 +165,9 @@ def run_one(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec, *, data
         resume = run.checkpoint("last").exists()
         if resume:
             _same_model(run, cfg)
-        summary = train(cfg, run.root, data=data, resume=resume, progress=progress,
-                        argv=["resvae", "sweep", "(run)", name])
+        with RunLock(run.root):  # a `resvae train` into the same directory is refused
+            summary = train(cfg, run.root, data=data, resume=resume, progress=progress,
+                            argv=["resvae", "sweep", "(run)", name])
         if summary["stop_reason"] in SIGNAL_STOPS:  # the sweep stops too; rerun it to resume
             raise KeyboardInterrupt(summary["stop_reason"])
         what = "resumed" if resume else "trained"
@@ -186,6 +199,12 @@ def sweep(spec: SweepSpec, sweep_dir: str | Path, *, environ: Mapping[str, str] 
     runs = plan(spec, environ)
     if gpus is None:
         gpus = _visible_gpus()
+    # two sweeps into one directory would train the same runs twice and both write sweep.json
+    with RunLock(sweep_dir):
+        return _sweep(spec, sweep_dir, runs, gpus, progress, log)
+
+
+def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, log) -> list[dict]:
     points = spec.points()
     entries = [_entry(name, cfg, point) for (name, cfg), point in zip(runs, points)]
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +258,9 @@ def _subprocess_commands(name: str, cfg: RunConfig, sweep_dir: Path, spec: Sweep
         _same_model(run, cfg)
         cmds.append(exe + ["train", "--resume", str(run.root)])
     else:
-        cmds.append(exe + ["train", "--config", str(planned), "--out", str(run.root)])
+        # no checkpoint to resume: whatever an earlier try left there is started over
+        cmds.append(exe + ["train", "--config", str(planned), "--out", str(run.root),
+                           "--overwrite"])
     if spec.iwae_k > 0:
         cmds.append(exe + ["eval", str(run.root), "--k", str(spec.iwae_k), "--n",
                            str(spec.iwae_n)])

@@ -36,9 +36,9 @@ from .runs import (
     RunDir,
     append_metrics,
     end_history,
-    eval_weights,
     keep_metrics,
-    load_checkpoint,
+    load_best_weights,
+    load_resume_checkpoint,
     read_metrics,
     remove_stale_temps,
     resume_checkpoint,
@@ -87,12 +87,13 @@ def ema_update(decay: float):
     the decay after n updates is min(decay, (1 + n) / (10 + n)). Without it a 10-minute run's
     average (decay 0.999, ~2,000 updates) still gives the first, untrained weights about a tenth
     of its weight: in a trial run of the cpu preset without warm-up the average scored 8.26
-    bits/dim after one epoch, where the same recipe's raw weights scored 5.21. Computed on the
-    device: no host sync per step."""
+    bits/dim after one epoch, where the same recipe's raw weights scored 5.21. The decay is
+    computed on the device (AveragedModel itself reads its counter on the host each update)."""
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
         if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked: a count,
             torch._foreach_copy_(averaged, current)  # not averaged (lerp has no int kernel)
             return
+        # (AveragedModel calls this once per device and dtype group: a group is all float or not)
         d = ((1 + n) / (10 + n)).clamp(max=decay)
         torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
     return update
@@ -111,10 +112,36 @@ def make_plateau(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.Re
         threshold=1e-4, threshold_mode="abs", min_lr=cfg.min_lr, eps=0.0)
 
 
+def make_optimizer(vae: torch.nn.Module, cfg, *, fused: bool | None = None) -> torch.optim.Adam:
+    """The Adam of training (and of `resvae bench`, which times the same step). `fused=True`
+    asks for torch's one-kernel Adam; None keeps torch's default implementation."""
+    return torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay, fused=fused)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A callable giving the forward's autocast context: bf16 autocast, or none for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     # Reseeding every epoch from (seed, epoch, rank) makes the noise of epoch k independent of what
     # ran before it, so a resumed run replays exactly and each DDP rank draws its own noise.
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for every i, as one multi-tensor copy per dtype: a copy per buffer
+    is hundreds of tiny kernel launches per step on a GPU for a deep net's BatchNorms."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for d, s in zip(dst, src):
+        pair = groups.setdefault(s.dtype, ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    for d, s in groups.values():
+        torch._foreach_copy_(d, s)
 
 
 def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
@@ -127,7 +154,9 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     on the device (the caller sums them there and reads them back only now and then), and
     `skipped`, the one value the host needs every step."""
     opt.zero_grad(set_to_none=True)
-    saved = [b.detach().clone() for b in vae.buffers()]  # BN running stats, restored on a skip
+    buffers = list(vae.buffers())  # BN running stats, restored on a skip
+    saved = [torch.empty_like(b) for b in buffers]
+    _copy_all(saved, buffers)
     with autocast():
         out = model(x)
     rate = out["kl"].mean(0)  # (L,) nats per latent dim, batch mean
@@ -148,8 +177,7 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     else:
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # the forward pass already moved the BN running statistics
-            for b, s in zip(vae.buffers(), saved):
-                b.copy_(s)
+            _copy_all(buffers, saved)
     stats = {k: out[k].detach().mean() for k in ("loss", "rate", "distortion")}
     return {**stats, "grad_norm": norm.detach(), "skipped": not ok}
 
@@ -384,30 +412,23 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         # In place: the forward (training and evaluation, through DDP too) is compiled, while
         # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
         vae.compile()
-    opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                           weight_decay=tc.weight_decay)
+    opt = make_optimizer(vae, tc)
     state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta),
                        ema)
-    autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) \
-        if tc.precision == "bf16" else contextlib.nullcontext
+    autocast = autocast_context(tc.precision, rt.device)
     s = Session(cfg, rt, run, data, model, autocast,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
                 budget=parse_budget(tc.budget), every=parse_every(tc.checkpoint_every),
                 window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
+    _check_batches(s)  # before anything is written
     resumed = None
     if resume:
         path = resume_checkpoint(run.root, resume_from)
-        ckpt = load_checkpoint(path, map_location=rt.device)
+        ckpt = load_resume_checkpoint(path, s.image_shape, map_location=rt.device)
         _check_resumable(ckpt, path, cfg, rt)
         state.restore(ckpt, cfg, s.log)
         s.saved_finite, s.saved_at = ckpt.get("finite", True), (state.epoch, state.step)
-        best = run.checkpoint("best")
-        if best.exists():
-            b = load_checkpoint(best)
-            # only the weights of the resumed state's own best epoch (a budget-cut epoch's
-            # best.pt, or one newer than a --resume-from checkpoint, is not that epoch's)
-            if b.get("progress") is None and b.get("epoch") == state.best_epoch:
-                s.best_weights = eval_weights(b)
+        s.best_weights = load_best_weights(run, ckpt, s.log)
         if state.progress is not None and state.progress["batches"] != _batches_per_epoch(s):
             raise ConfigError(f"--resume {path}: written inside an epoch of "
                               f"{state.progress['batches']} batches; this run's epochs have "
@@ -441,10 +462,20 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
           f"run dir {run.root}" + where)
+    return s, state
+
+
+def _check_batches(s: Session) -> None:
+    tc, rt, n = s.cfg.train, s.rt, len(s.data.train)
     if _batches_per_epoch(s) == 0:
         raise ValueError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
-                         f"than the {len(data.train)} training images (see --subset)")
-    return s, state
+                         f"than the {n} training image(s) (see --subset)")
+    if tc.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                 for m in s.model.modules()):
+        # training-mode BatchNorm needs two values per channel, and the latent layer is 1x1
+        raise ValueError(f"--batch-size {tc.batch_size}: BatchNorm needs at least 2 images per "
+                         f"batch (per process); use --batch-size 2 or more ({n} training "
+                         "image(s) here)")
 
 
 def _check_resumable(ckpt: dict, path: Path, cfg: RunConfig, rt: D.Runtime) -> None:
@@ -852,4 +883,5 @@ def git_commit() -> str | None:
 
 
 __all__ = ["train", "TrainState", "train_epoch", "log_step", "end_epoch", "finish", "training_step",
-           "EarlyStopping", "make_plateau", "warmup_factor", "kl_beta"]
+           "EarlyStopping", "make_plateau", "make_optimizer", "autocast_context", "warmup_factor",
+           "kl_beta"]
