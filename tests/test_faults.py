@@ -411,7 +411,7 @@ def wait_for(cond, proc, timeout=300.0):
             return got
         if proc.poll() is not None:
             pytest.fail(f"the run ended (status {proc.returncode}) before the fault: "
-                        + (proc.stderr.read() if proc.stderr else "")[-2000:])
+                        + proc.stderr.read()[-2000:])
         time.sleep(0.02)
     proc.kill()
     pytest.fail("timed out waiting for the run")
@@ -457,24 +457,25 @@ def test_sigkill_inside_an_epoch_then_resume_equals_uninterrupted(tmp_path):
 def test_signal_to_a_running_train_command(tmp_path, signum, status):
     data, env = image_folder(tmp_path / "data"), child_env(tmp_path)
     run = tmp_path / "run"
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen(train_cmd(data, run, "--max-epochs", "100", "--checkpoint-every",
-                                          ""), env=env, stdout=subprocess.PIPE, stderr=stderr,
-                                text=True)
+    proc = subprocess.Popen(train_cmd(data, run, "--max-epochs", "100", "--checkpoint-every",
+                                      ""), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     wait_for(lambda: 1 if (run / "metrics.jsonl").exists() else None, proc)
     proc.send_signal(signum)
-    # Two more once its handler has run (pending signals are handled lowest number first, so
-    # sent at once SIGINT could overtake SIGTERM), while it finishes its update and writes the
-    # checkpoint (a later one, after train() has returned and given the handlers back, would
-    # end the process the default way: the files are all written by then).
-    wait_for(lambda: 1 if "stopping after this update" in log.read_text() else None, proc)
+    # once it has taken that one (signals pending together are taken lowest number first),
+    # two more while it finishes its update and writes the checkpoint (one sent after train()
+    # has returned and given the handlers back would end the process the default way, with
+    # every file written by then)
+    announced = ""
+    while "stopping after this update" not in announced:
+        announced = proc.stderr.readline()
+        assert announced, "the run ended without taking the signal"
+    assert announced.startswith(f"resvae: {signum.name}: stopping after this update")
     proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signal.SIGINT)
     proc.send_signal(signum)
-    out, _ = proc.communicate(timeout=300)
-    err = log.read_text()
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == status, err[-3000:]
-    assert f"resvae: {signum.name}: stopping after this update" in err
+    assert "already stopping: ignored until the checkpoint is written" in err
     summary = read_json(run / "summary.json")
     ckpt = R.load_checkpoint(run / "checkpoints" / "last.pt")
     assert summary["stop_reason"] == signum.name
@@ -532,6 +533,9 @@ def test_one_ddp_rank_killed_the_other_exits_and_the_run_resumes(tmp_path):
     assert time.monotonic() - t0 < 120
     assert proc.returncode != 0
     assert "exitcode  : -9" in err or "Signal 9" in err or "SIGKILL" in err, err[-3000:]
+    # the survivor says what happened and how to go on
+    assert "resvae: rank 0: the run failed under torchrun" in err, err[-3000:]
+    assert f"train --resume {run}" in err
     ckpt = R.load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] >= 4
     # the run resumes from its last checkpoint, with as many processes
