@@ -164,7 +164,7 @@ def test_abbreviated_flags_are_errors(argv, named, capsys, tmp_path):
 @pytest.mark.parametrize("typo, meant", [
     ("--lattent-dim", "--latent-dim"), ("--latent-dimm=3", "--latent-dim"),
     ("--latent_dimm", "--latent-dim"), ("--dep", "--depth"), ("--max-epoch", "--max-epochs"),
-    ("--likelyhood", "--likelihood"),
+    ("--likelyhood", "--likelihood"), ("--batch", "--batch-size"), ("--max-e", "--max-epochs"),
 ])
 def test_near_miss_flag_suggests_the_flag(typo, meant, capsys):
     assert _exit_code(["train", "--preset", "tiny", typo, "3"]) == 2

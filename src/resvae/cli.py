@@ -597,7 +597,8 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> typing.N
         name = arg.partition("=")[0]
         close = difflib.get_close_matches(name.replace("_", "-"), options, n=1, cutoff=0.6)
         starts = [o for o in options if o.startswith(name)] if name.startswith("--") else []
-        close = close or (starts if len(starts) == 1 else [])
+        # a unique prefix (--batch, --max-e) names its flag more surely than a close spelling
+        close = starts[:1] if len(starts) == 1 else close
         parts.append((name, close[0] if close else None))
     if len(parts) == 1:
         (name, close), = parts
