@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig, to_dict
@@ -32,8 +31,8 @@ from .distributed import resolve_device
 from .train import (
     _device_name,
     autocast_context,
-    ema_update,
     load_splits,
+    make_ema,
     make_optimizer,
     training_step,
 )
@@ -161,8 +160,7 @@ class Runner:
         vae = build_from_config(cfg, tuple(images.shape[1:])).to(device)
         if variant.channels_last:
             vae = vae.to(memory_format=torch.channels_last)
-        self.ema = AveragedModel(vae, multi_avg_fn=ema_update(tc.ema), use_buffers=True) \
-            if tc.ema > 0 else None  # copied before compiling, as train.py does
+        self.ema = make_ema(vae, tc)  # before compiling, as train.py does
         if variant.compiled:
             vae.compile()  # in place, as train.py does
         self.variant, self.vae = variant, vae

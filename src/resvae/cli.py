@@ -432,9 +432,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "sample/reconstruction grids and summary.json into the run directory. "
                         "Under torchrun it trains with DistributedDataParallel.",
                         epilog=config_epilog)
-    tr.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
-    tr.add_argument("--config", metavar="FILE",
-                    help="a TOML (or a run's config.json) file of settings")
+    _add_config_sources(tr, presets)
     tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>-<time>)")
     tr.add_argument("--resume", metavar="RUN_DIR",
                     help="continue a run where it stopped (inside an epoch too: exactly as if "
@@ -493,9 +491,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "NCHW, per-image float conversion) and the data path alone. Variants "
                         "are interleaved round by round; the configured one is reported first.",
                         epilog=config_epilog)
-    be.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
-    be.add_argument("--config", metavar="FILE",
-                    help="a TOML (or a run's config.json) file of settings")
+    _add_config_sources(be, presets)
     be.add_argument("--seconds", type=_seconds, default=30.0, metavar="S",
                     help="measuring time in all, shared by the variants and the baseline "
                          "(warm-up and ceilings come on top; default 30)")
@@ -586,6 +582,13 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     """The flags a parser lists in its help (hidden aliases left out)."""
     return [o for a in parser._actions if a.help != argparse.SUPPRESS
             for o in a.option_strings]
+
+
+def _add_config_sources(parser: argparse.ArgumentParser, presets: str) -> None:
+    """--preset and --config of the commands that resolve a whole run config (train, bench)."""
+    parser.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="a TOML (or a run's config.json) file of settings")
 
 
 def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> typing.NoReturn:

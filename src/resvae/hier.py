@@ -327,13 +327,13 @@ class HierVAE(nn.Module):
         `temperature` (one number, or one per group, top first); 0 takes the prior means, so
         temperature 0 with mean=True is deterministic."""
         params, _ = self.decoder(n=n, temperature=temperature, generator=generator)
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+        return self.likelihood.images(params, mean=mean, generator=generator)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, *, mean: bool = True) -> Tensor:
         """Decode x's posterior means (every z_i at its mean): (B,C,H,W) in [0,1]."""
         params = self.decode(self.encode(x)[0])
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
+        return self.likelihood.images(params, mean=mean)
 
     @torch.no_grad()
     def iwae(self, x: Tensor, k: int, *, max_batch: int = 512) -> Tensor:

@@ -36,6 +36,12 @@ class Likelihood(nn.Module):
     def mean(self, params: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def images(self, params: Tensor, *, mean: bool,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] from parameters: the likelihood's mean (what the study's grids
+        show), or pixels drawn from it."""
+        return self.mean(params) if mean else self.sample(params, generator)
+
     def _channels(self, params: Tensor) -> int:
         per = self.n_params(1)
         if params.dim() != 4 or params.shape[1] % per:

@@ -119,6 +119,14 @@ def make_optimizer(vae: torch.nn.Module, cfg, *, fused: bool | None = None) -> t
                             weight_decay=cfg.weight_decay, fused=fused)
 
 
+def make_ema(vae: torch.nn.Module, cfg) -> AveragedModel | None:
+    """--ema's average of `vae` (training's and `resvae bench`'s), None when off. Made before
+    `vae` is compiled: the average is only evaluated (once an epoch), eagerly."""
+    if cfg.ema <= 0:
+        return None
+    return AveragedModel(vae, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
+
+
 def autocast_context(precision: str, device: torch.device):
     """A callable giving the forward's autocast context: bf16 autocast, or none for fp32."""
     if precision == "bf16":
@@ -405,9 +413,7 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
         vae = vae.to(memory_format=torch.channels_last)
     model = D.wrap(vae, rt, tc.sync_bn)
     vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
-    # Copied before compiling: the average is only evaluated (once an epoch), eagerly.
-    ema = AveragedModel(vae, multi_avg_fn=ema_update(tc.ema), use_buffers=True) \
-        if tc.ema > 0 else None
+    ema = make_ema(vae, tc)  # before vae.compile() below
     if tc.compile:
         # In place: the forward (training and evaluation, through DDP too) is compiled, while
         # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
@@ -598,8 +604,6 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
                             rt=rt)
         state.step += 1
         ep.batch += 1
-        if state.ema is not None and not out["skipped"]:
-            state.ema.update_parameters(state.vae)
         ep.images += x.shape[0] * rt.world_size
         if out["skipped"]:
             ep.skipped, state.consecutive_skips = ep.skipped + 1, state.consecutive_skips + 1
@@ -609,6 +613,8 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
                 break
         else:
             state.consecutive_skips, ep.n_ok = 0, ep.n_ok + 1
+            if state.ema is not None:
+                state.ema.update_parameters(state.vae)
             # summed on the device, no sync: float32 batch means added in float64
             values = torch.stack([out[k].double() for k in STEP_KEYS])
             ep.sums += values[:3]
@@ -625,8 +631,7 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
             bar.update()
         stop, due = poll(s, state)
         if (stop or due) and not ep.complete:  # at the epoch's end, end_epoch checkpoints
-            now = time.monotonic()
-            ep.seconds, t0 = ep.seconds + now - t0, now
+            ep.seconds += time.monotonic() - t0
             ep.progress = save_inside_epoch(s, state, ep)
             t0 = time.monotonic()  # the time spent saving is not training time
         if stop:

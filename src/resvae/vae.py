@@ -81,13 +81,13 @@ class VAE(nn.Module):
         mean (what the study's grids show), False draws pixels from it."""
         z = torch.randn(n, self.latent_dim, device=self._device(), generator=generator)
         params = self.decode(z * temperature)
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+        return self.likelihood.images(params, mean=mean, generator=generator)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, *, mean: bool = True) -> Tensor:
         """Decode the posterior mean of x: (B,C,H,W) in [0,1]."""
         params = self.decode(self.encode(x)[0])
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
+        return self.likelihood.images(params, mean=mean)
 
     @torch.no_grad()
     def iwae(self, x: Tensor, k: int, *, max_batch: int = 512) -> Tensor:
