@@ -310,7 +310,7 @@ class Session:
     last_save: float = field(default_factory=time.monotonic)
     stops: StopSignals | None = None
     best_weights: dict | None = None
-    partial_best: float | None = None  # a budget-cut epoch's val loss, when no epoch ended
+    partial_best: float | None = None  # a budget cut's val loss, when it beat every ended epoch
     saved_finite: bool | None = None  # what last.pt holds: None = no last.pt yet (rank 0)
     saved_at: tuple | None = None  # (epoch, step) of last.pt (rank 0)
     invocation: int = 0  # this invocation's number in history.jsonl (rank 0)
@@ -727,8 +727,10 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
 
     An epoch cut by a signal stops at once (its checkpoint is written). One cut by the budget
     or by non-finite updates is validated and recorded as `partial`, but it steps no schedule
-    and is no best epoch (its val loss stands in for one only while no epoch has ended), so a
-    resumed run continues exactly as if it had never stopped."""
+    and is no best epoch, so a resumed run continues exactly as if it had never stopped. A
+    budget cut whose validation beats every ended epoch's still gives the weights this
+    invocation tests and saves (best.pt, best.safetensors): with --lr-schedule cosine over the
+    budget the cut state is the annealed one, the best the run made."""
     tc, rt, vae = s.cfg.train, s.rt, state.eval_vae
     if ep.stop_reason in SIGNAL_STOPS and not ep.complete:
         return ep.stop_reason
@@ -749,8 +751,8 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
         if improved:
             state.best_epoch = state.epoch
     else:
-        partial_best = (ep.stop_reason == "budget" and s.best_weights is None
-                        and math.isfinite(val["loss"]))
+        partial_best = (ep.stop_reason == "budget" and math.isfinite(val["loss"])
+                        and val["loss"] < state.early.best)
         if partial_best:
             s.partial_best = val["loss"]
     if improved or partial_best:
@@ -807,8 +809,11 @@ def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
                "inside_epoch_batches": s.cut_at_batch,
                "images_seen": state.images_seen, "training_seconds": state.train_seconds,
                "invocation_training_seconds": state.train_seconds - s.train_seconds_at_start,
-               "wall_seconds": wall, "best_epoch": state.best_epoch,
-               "best_val_loss": state.early.best if state.best_epoch else s.partial_best,
+               "wall_seconds": wall,
+               # the cut epoch's record number when a budget cut gave the tested weights
+               "best_epoch": state.epoch + 1 if s.partial_best is not None else state.best_epoch,
+               "best_val_loss": s.partial_best if s.partial_best is not None
+               else state.early.best if state.best_epoch else None,
                "skipped_updates": state.skipped_total, "world_size": rt.world_size}
     if rt.is_main:
         last = [r for r in read_metrics(run.root) if not r.get("partial")]
