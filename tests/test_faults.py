@@ -204,6 +204,25 @@ def test_budget_cut_then_resume_equals_uninterrupted(tmp_path):
     assert_same_run(a, b)
 
 
+def test_a_budget_cut_better_than_every_ended_epoch_gives_the_tested_weights(tmp_path,
+                                                                             monkeypatch):
+    # the cpu preset anneals its lr to 0 at the budget: the cut state is its best, and what
+    # the run must test and save (the cut stays out of early stopping and best_epoch's state)
+    poll = T.poll
+    monkeypatch.setattr(T, "poll", lambda s, state: (
+        ("budget", poll(s, state)[1]) if state.step == 18 else poll(s, state)))
+    run = tmp_path / "run"
+    s = train_small(cfg_for(max_epochs=3), run)  # 8 updates an epoch: the cut is in epoch 3
+    recs = records(run)
+    assert [(r["epoch"], r["partial"]) for r in recs] == [(1, False), (2, False), (3, True)]
+    assert recs[-1]["val_loss"] < min(r["val_loss"] for r in recs[:2])  # (the premise)
+    assert (s["stop_reason"], s["best_epoch"], s["best_val_loss"]) == (
+        "budget", 3, recs[-1]["val_loss"])
+    best = R.load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["progress"]["batch"] == 2 and best["best_epoch"] == 2
+    assert s["test_loss"] == pytest.approx(recs[-1]["val_loss"], rel=0.05)
+
+
 def test_resume_inside_an_epoch_with_another_batch_size_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     train_small(cfg_for(log_every=1), run, callbacks=[SignalAt(3)])
