@@ -850,7 +850,8 @@ def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
                   f"resume with: resvae train --resume {run.root}")
         else:
             best = summary["best_val_loss"]
-            best_at = f"at epoch {state.best_epoch}" if state.best_epoch else "(the cut epoch's)"
+            best_at = (f"at epoch {state.best_epoch}" if s.partial_best is None
+                       else f"(the cut epoch {summary['best_epoch']}'s)")
             s.log(f"resvae: stopped ({stop_reason}) after {state.epoch} epochs, "
                   f"{state.train_seconds:.0f}s training; best val loss "
                   f"{math.inf if best is None else best:.2f} {best_at}; test loss "
