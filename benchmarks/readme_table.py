@@ -38,7 +38,7 @@ def main_table(run_dir: Path) -> str:
         ("throughput per epoch", f"{min(rates):.0f}-{max(rates):.0f} images/s *"),
         ("best epoch (validation = the test split, as in the study)", str(s["best_epoch"])),
         ("final train loss" + (" (partial epoch)" if last.get("partial") else ""),
-         f"{s['final_train_loss']:,.1f} nats"),
+         f"{last['train_loss']:,.1f} nats"),  # (summary.json's is the last ended epoch's)
         ("best validation loss", f"{s['best_val_loss']:,.1f} nats"),
         ("test negative ELBO, best weights",
          f"{s['test_loss']:,.1f} nats = **{s['test_bpd']:.3f} bits/dim**"),
