@@ -15,7 +15,8 @@
 # by the compiled bf16 step and the eager fp32 baseline), PRESETS ("study-28 study-100"),
 # BATCHES ("256 128 64 32": tried in turn while the GPU runs out of memory), MATMUL_SIZE (8192:
 # at 2048 a large GPU's matmuls are too short to reach its ceiling), EXTRA_ARGS (more `resvae
-# bench` flags), OUT (where each preset's JSON record goes; default a new temporary folder).
+# bench` flags), OUT (where each preset's JSON record goes; default a new temporary folder),
+# DEADLINE_SECONDS (570: when the script stops starting or running benches), PYTHON (python).
 # A quick check of the script on a CPU (seconds, a tiny width, eager):
 #   BENCH_SECONDS=2 DEVICE=cpu BATCHES=8 MATMUL_SIZE=256 \
 #     EXTRA_ARGS="--width 0.0625 --compile false" bash benchmarks/gpu.sh
@@ -31,7 +32,7 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 OUT=${OUT:-$(mktemp -d)}
 PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-DEADLINE=$((SECONDS + 570))  # 9.5 minutes from now
+DEADLINE=$((SECONDS + ${DEADLINE_SECONDS:-570}))  # 9.5 minutes from now unless told
 mkdir -p "$OUT"
 
 "$PYTHON" -c 'import torch; print(f"torch {torch.__version__}, CUDA available: "

@@ -156,6 +156,7 @@ def test_runner_steps_update_the_ema_as_training_does():
     ("fp32", B.Variant()),
     ("bf16+cl+compiled", B.Variant(bf16=True, channels_last=True, compiled=True)),
     ("fused+fp32", B.Variant(fused=True)),
+    ("bf16+nosync", B.Variant(bf16=True, nosync=True)),
 ])
 def test_parse_variant(text, expected):
     assert B.parse_variant(text) == expected

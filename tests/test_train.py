@@ -179,6 +179,10 @@ def test_training_step_skip_threshold():
     s = T.training_step(vae, vae, x, opt, tc)
     assert s["skipped"] is True and float(s["grad_norm"]) > 1e-6
     assert all(torch.equal(v, before[k]) for k, v in _params(vae).items())
+    # bench's `nosync` (guard=False) applies the same update unchecked
+    s = T.training_step(vae, vae, x, opt, tc, guard=False)
+    assert s["skipped"] is False and _adam_steps(opt) == [1]
+    assert any(not torch.equal(v, before[k]) for k, v in _params(vae).items())
 
 
 def test_skipped_step_leaves_batchnorm_buffers_intact():

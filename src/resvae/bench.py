@@ -42,36 +42,41 @@ MATMUL_SIZE = 2048
 ROUNDS = 5  # each variant is timed once per round; the median round is reported
 WARMUP_STEPS = 3  # allocator, kernel choice, and compiling (a compiled step may retrace once)
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training set: (50000, 3, 32, 32) uint8
-TOKENS = ("fp32", "bf16", "cl", "compiled", "fused")
+TOKENS = ("fp32", "bf16", "cl", "compiled", "fused", "nosync")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """How the step runs: bf16 autocast, channels_last, torch.compile, fused Adam. `naive` is
-    the baseline: eager fp32 NCHW, default Adam, each image converted to float on its own."""
+    """How the step runs: bf16 autocast, channels_last, torch.compile, fused Adam, and `nosync`:
+    without the skip guard's host sync per step (every update applied unchecked; what the sync
+    costs, not a way to train). `naive` is the baseline: eager fp32 NCHW, default Adam, each
+    image converted to float on its own."""
 
     bf16: bool = False
     channels_last: bool = False
     compiled: bool = False
     fused: bool = False
+    nosync: bool = False
     naive: bool = False
 
     @property
     def name(self) -> str:
         if self.naive:
             return "baseline"
-        flags = (("cl", self.channels_last), ("compiled", self.compiled), ("fused", self.fused))
+        flags = (("cl", self.channels_last), ("compiled", self.compiled), ("fused", self.fused),
+                 ("nosync", self.nosync))
         return "+".join(["bf16" if self.bf16 else "fp32"] + [t for t, on in flags if on])
 
 
 def parse_variant(text: str) -> Variant:
-    """'bf16+cl+compiled' -> Variant; tokens: fp32 or bf16, cl, compiled, fused."""
+    """'bf16+cl+compiled' -> Variant; tokens: fp32 or bf16, cl, compiled, fused, nosync."""
     tokens = [t.strip() for t in text.split("+")]
     bad = [t for t in tokens if t not in TOKENS]
     if bad or ("fp32" in tokens and "bf16" in tokens):
         raise ValueError(f"--variants: {text!r}: expected tokens joined by '+' from "
                          f"{', '.join(TOKENS)} (fp32 or bf16, not both), e.g. bf16+cl+compiled")
-    return Variant("bf16" in tokens, "cl" in tokens, "compiled" in tokens, "fused" in tokens)
+    return Variant("bf16" in tokens, "cl" in tokens, "compiled" in tokens, "fused" in tokens,
+                   "nosync" in tokens)
 
 
 def config_variant(cfg: RunConfig) -> Variant:
@@ -175,7 +180,7 @@ class Runner:
 
     def step(self) -> None:
         out = training_step(self.vae, self.vae, next(self.inputs), self.opt, self.tc,
-                            autocast=self.autocast)
+                            autocast=self.autocast, guard=not self.variant.nosync)
         self.skipped += out["skipped"]
         if self.ema is not None and not out["skipped"]:
             self.ema.update_parameters(self.vae)

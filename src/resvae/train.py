@@ -154,9 +154,12 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
                   opt: torch.optim.Optimizer, cfg, *, beta: float = 1.0,
-                  autocast=contextlib.nullcontext, rt: D.Runtime | None = None) -> dict:
+                  autocast=contextlib.nullcontext, rt: D.Runtime | None = None,
+                  guard: bool = True) -> dict:
     """One update. A non-finite loss or gradient norm (or one above `skip_threshold`) skips the
     update instead of poisoning the weights (VDVAE's guard); the caller counts skips.
+    `guard=False` (only `resvae bench`'s `nosync` variant) applies every update unchecked: it
+    measures what the guard's one host sync per step costs, which matters on a GPU alone.
 
     Returns the batch means of `loss`, `rate`, `distortion` and the `grad_norm` as 0-d tensors
     on the device (the caller sums them there and reads them back only now and then), and
@@ -177,7 +180,7 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     ok = torch.isfinite(objective) & torch.isfinite(norm)
     if cfg.skip_threshold > 0:  # compared in float64, as a Python float would be
         ok &= norm.double() < cfg.skip_threshold
-    ok = bool(ok)  # the step's one host sync: whether to update depends on it
+    ok = bool(ok) if guard else True  # the step's one host sync: whether to update depends on it
     if rt is not None:
         ok = not D.any_rank(not ok, rt)  # every rank skips together
     if ok:
