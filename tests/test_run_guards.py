@@ -255,6 +255,11 @@ def test_out_on_a_finished_run_is_refused_untouched(run, capsys):
     rc, _, errors = _cli([*NEW, "--out", str(run), "--overwrite", "--lr", "-1"], capsys)
     assert rc == 2 and "--lr" in errors[0]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # nor with a valid config whose data fails to load: the run is cleared only once it has
+    # (it was cleared first, before the data loaded, until the fix)
+    rc, _, errors = _cli([*NEW, "--out", str(run), "--overwrite", "--subset", "10000000"], capsys)
+    assert rc == 2 and "--subset 10000000" in errors[0]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_overwrite_replaces_the_run(run, capsys):

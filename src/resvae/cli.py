@@ -178,7 +178,7 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     from . import distributed as D
-    from .runs import RunLock, check_fresh, clear_run, resume_config
+    from .runs import RunLock, check_fresh, resume_config
     from .stops import exit_status
     from .train import train
 
@@ -209,11 +209,9 @@ def cmd_train(args) -> int:
     # --resume of a run still going, is refused instead of interleaving their records
     lock = RunLock(out, "--resume" if args.resume else "--out") if D.launched_as_main() \
         else contextlib.nullcontext()
-    with lock:
-        if args.overwrite and D.launched_as_main():
-            clear_run(out)  # the new config is valid and no one else is writing here
+    with lock:  # --overwrite: the old run is cleared once the data and model are ready
         summary = train(cfg, out, resume=bool(args.resume), resume_from=resume_from,
-                        argv=args.argv)
+                        argv=args.argv, replace=args.overwrite)
     if (status := exit_status(summary.get("stop_reason"))) is not None:
         return status  # 143 after SIGTERM, 130 after SIGINT: what schedulers and shells expect
     return 3 if summary.get("stop_reason") == "non_finite" else 0

@@ -35,6 +35,7 @@ from .generate import save_epoch_grids
 from .runs import (
     RunDir,
     append_metrics,
+    clear_run,
     end_history,
     keep_metrics,
     load_best_weights,
@@ -333,7 +334,7 @@ class Session:
 
 def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, resume: bool = False,
           resume_from: str = "last", argv: list | None = None, progress: bool | None = None,
-          callbacks=()) -> dict:
+          callbacks=(), replace: bool = False) -> dict:
     """Train a VAE as `cfg` says, writing everything into `out_dir`; return the summary.
 
     `data` takes already-loaded splits (else they are loaded as `cfg.data` says). With
@@ -342,14 +343,16 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
     SIGTERM / SIGINT stop the run after the current update with a checkpoint and a summary whose
     stop_reason names the signal (`stops.exit_status` gives the exit status).
     `callbacks`: objects with any of on_step / on_epoch / on_end, called on rank 0 (see
-    callbacks.py); `--tensorboard` adds one.
+    callbacks.py); `--tensorboard` adds one. `replace=True` (`--overwrite`) clears the run
+    already in out_dir, once the data has loaded and the model is built, right before the first
+    write: a run that fails before then leaves the old one whole.
     """
     t_start = time.monotonic()
     rt = D.setup(cfg.train.device, timeout=parse_budget(cfg.train.ddp_timeout))
     s = None
     try:
         s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, resume_from, argv, progress,
-                          callbacks)
+                          callbacks, replace)
         s.t_start = t_start
         with StopSignals(announce=rt.is_main) as s.stops:
             stop_reason = None
@@ -404,7 +407,8 @@ def _now() -> str:
 
 
 def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resume: bool,
-           resume_from: str, argv, progress, callbacks) -> tuple[Session, TrainState]:
+           resume_from: str, argv, progress, callbacks,
+           replace: bool = False) -> tuple[Session, TrainState]:
     """Data, model, optimizer and schedules; the checkpoint's state when resuming."""
     tc = cfg.train
     if tc.tensorboard:
@@ -448,6 +452,8 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     s.train_seconds_at_start = state.train_seconds
     git_commit()  # now, not when the run ends (see there)
     if rt.is_main:
+        if replace:
+            clear_run(run.root)
         run.root.mkdir(parents=True, exist_ok=True)
         for folder in (run.root, run.checkpoint("last").parent):
             remove_stale_temps(folder)
