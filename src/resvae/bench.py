@@ -213,7 +213,14 @@ def top_ops(runner: Runner, device: torch.device, steps: int = 5, n: int = 15) -
             runner.step()
         _sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    events = list(prof.key_averages())
+    if device.type == "cuda":
+        # A kernel's time is listed twice, under the kernel and under the op that launched it
+        # (a gpu.sh run on an H100 showed each fused kernel twice): count the kernels alone.
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not events:
+            raise RuntimeError("--profile: the profiler recorded no GPU kernels (CUPTI unavailable?)")
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
     return [{"op": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps,
              "share": getattr(e, key) / total, "calls_per_step": e.count / steps}
