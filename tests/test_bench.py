@@ -77,8 +77,23 @@ def test_profile_and_text_report(record):
     assert 0 < len(ops) <= 15 and 0 < sum(p["share"] for p in ops) <= 1 + 1e-9
     assert any("convolution" in p["op"] for p in ops)
     text = B.format_report(record)
-    for line in ("bf16+cl (configured)", "baseline", "fp32 ", "top operators", "data path"):
+    for line in ("bf16+cl (configured)", "baseline", "fp32 ", "top operators", "data path",
+                 "convolutions alone"):
         assert line in text
+    c = record["convs_alone"]
+    n_convs = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in
+                  B.Runner(B.Variant(), record_cfg(record), np.zeros((8, 3, 32, 32), np.uint8),
+                           torch.device("cpu")).vae.modules())
+    assert c["convs"] == n_convs  # every conv of the model, each once
+    # the convs' FLOPs are most of the step's counted ones (the rest: the dense layers)
+    assert 0.5 * record["flops_per_image"] * record["batch_size"] <= c["flops_per_step"] \
+        < record["flops_per_image"] * record["batch_size"]
+    assert 0 < c["share_of_step"] and c["gflops"] > 0
+
+
+def record_cfg(record):
+    from resvae.config import from_dict
+    return from_dict(record["config"])
 
 
 class _LinearVAE(nn.Module):

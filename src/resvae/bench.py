@@ -9,7 +9,8 @@ One process measures everything, so each ratio is taken side by side on the same
   `data.to_input`), for the configured variant, any `--variants`, and a naive baseline (eager
   fp32 NCHW, images converted to float one by one), interleaved round by round;
 - the data path alone, in batches/s;
-- with `profile=True`, the operators that take the step's time (torch.profiler).
+- with `profile=True`, the operators that take the step's time (torch.profiler), and the
+  model's convolutions timed alone beside the whole step (`convs_alone`).
 Timings are never asserted anywhere: machines are shared and noisy.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig, to_dict
@@ -227,6 +229,51 @@ def top_ops(runner: Runner, device: torch.device, steps: int = 5, n: int = 15) -
             for e in events[:n]]
 
 
+def convs_alone(runner: Runner, device: torch.device, rounds: int = 5) -> dict:
+    """The model's convolutions timed alone: each conv (and transposed conv) module, forward and
+    backward (weight gradients, and input gradients where the step needs them), on inputs of the
+    shapes a training step gives it, in the variant's precision and memory layout; the median of
+    `rounds` passes over all of them. Set beside the whole step, this says how much of the
+    step's time the convolutions take and how fast they run on their own: whatever the rest of
+    the step costs (normalisation, activations, the likelihood, the optimizer) is the gap."""
+    seen = []
+
+    def keep(module, args, _):
+        x = args[0]
+        seen.append((module, x.detach().clone(), x.requires_grad))
+
+    convs = [m for m in runner.vae.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [m.register_forward_hook(keep) for m in convs]
+    try:  # .forward: the eager module, also when the variant compiled it
+        with torch.no_grad(), runner.autocast():
+            runner.vae.forward(next(runner.inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    # the step needs an input gradient wherever the input came from a layer with weights
+    with torch.enable_grad(), runner.autocast():
+        cases = []
+        for m, x, needs in seen:
+            x.requires_grad_(needs)
+            grad = torch.randn_like(m(x))
+            cases.append((m, x, grad))
+
+    def one_pass():
+        with runner.autocast():
+            for m, x, grad in cases:
+                torch.autograd.backward(m(x), grad)
+
+    with FlopCounterMode(display=False) as counter:
+        one_pass()
+    one_pass()  # warm-up
+    times = [_timed(one_pass, 0.0, device)[1] for _ in range(rounds)]
+    for m in convs:
+        m.zero_grad(set_to_none=True)
+    t = statistics.median(times)
+    return {"convs": len(cases), "ms_per_step": t * 1e3, "flops_per_step": counter.get_total_flops(),
+            "gflops": counter.get_total_flops() / t / 1e9}
+
+
 def bench(cfg: RunConfig, images: np.ndarray, *, seconds: float = 30.0,
           variants: tuple[Variant, ...] = (), profile: bool = False,
           matmul_size: int = MATMUL_SIZE, rounds: int = ROUNDS) -> dict:
@@ -284,6 +331,11 @@ def bench(cfg: RunConfig, images: np.ndarray, *, seconds: float = 30.0,
         "config": to_dict(cfg)}
     if profile:
         record["profile"] = top_ops(runners[main.name], device)
+        c = convs_alone(runners[main.name], device)
+        step_ms = 1e3 * tc.batch_size / m["images_per_s"]
+        record["convs_alone"] = {**c, "step_ms": step_ms, "share_of_step": c["ms_per_step"] / step_ms,
+                                 "ratio_to_peak": c["gflops"] / peak32,
+                                 "ratio_to_bf16_peak": c["gflops"] / peak16}
     return record
 
 
@@ -314,8 +366,15 @@ def format_report(r: dict) -> str:
         lines.append("top operators (self time per step):")
         lines += [f"  {p['op']:<40} {p['ms_per_step']:9.2f} ms {p['share']:6.1%}  "
                   f"{p['calls_per_step']:g} calls" for p in r["profile"]]
+    if "convs_alone" in r:
+        c = r["convs_alone"]
+        lines.append(
+            f"the {c['convs']} convolutions alone (forward + backward, same shapes, precision and "
+            f"layout): {c['ms_per_step']:.1f} ms of the step's {c['step_ms']:.1f} ms "
+            f"({c['share_of_step']:.0%}), at {c['gflops']:.1f} GFLOP/s = {c['ratio_to_peak']:.0%} "
+            f"of the fp32 ceiling ({c['ratio_to_bf16_peak']:.0%} of bf16's)")
     return "\n".join(lines)
 
 
 __all__ = ["bench", "bench_images", "format_report", "parse_variant", "Variant", "Runner",
-           "flops_per_image", "matmul_gflops", "ceilings"]
+           "flops_per_image", "matmul_gflops", "ceilings", "convs_alone"]
