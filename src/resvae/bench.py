@@ -244,13 +244,13 @@ def convs_alone(runner: Runner, device: torch.device, rounds: int = 5) -> dict:
 
     convs = [m for m in runner.vae.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     hooks = [m.register_forward_hook(keep) for m in convs]
-    try:  # .forward: the eager module, also when the variant compiled it
-        with torch.no_grad(), runner.autocast():
+    try:  # .forward: the eager module, also when the variant compiled it; with grad enabled,
+        # as in the step, so each input's requires_grad says whether its gradient is needed
+        with torch.enable_grad(), runner.autocast():
             runner.vae.forward(next(runner.inputs))
     finally:
         for h in hooks:
             h.remove()
-    # the step needs an input gradient wherever the input came from a layer with weights
     with torch.enable_grad(), runner.autocast():
         cases = []
         for m, x, needs in seen:
