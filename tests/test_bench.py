@@ -3,6 +3,7 @@ Never a timing: the numbers are only checked for being measured and consistent."
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -166,6 +167,15 @@ def test_runner_steps_update_the_ema_as_training_does():
     r.step()
     assert plain.ema is None and r.skipped == 0 and int(r.ema.n_averaged) == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, r.ema.module.parameters()))
+    # devguard: --guard device's step (fused Adam), the skips counted on the device
+    d = B.Runner(B.parse_variant("devguard"), cfg(0.9), images, torch.device("cpu"))
+    d.step()
+    d.step()
+    assert d.opt.defaults["fused"] and isinstance(d.skipped, torch.Tensor)
+    assert int(d.skipped) == 0 and int(d.ema.n_averaged) == 2
+    assert B.config_variant(cfg(0.9)) == B.Variant(bf16=True, channels_last=True)
+    assert B.config_variant(replace(cfg(0.9), train=replace(cfg(0.9).train, guard="device"))) \
+        == B.Variant(bf16=True, channels_last=True, fused=True, devguard=True)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -173,13 +183,15 @@ def test_runner_steps_update_the_ema_as_training_does():
     ("bf16+cl+compiled", B.Variant(bf16=True, channels_last=True, compiled=True)),
     ("fused+fp32", B.Variant(fused=True)),
     ("bf16+nosync", B.Variant(bf16=True, nosync=True)),
+    ("bf16+devguard", B.Variant(bf16=True, fused=True, devguard=True)),
 ])
 def test_parse_variant(text, expected):
     assert B.parse_variant(text) == expected
     assert B.parse_variant(expected.name) == expected
 
 
-@pytest.mark.parametrize("text", ["fp16", "bf16+fp32", "bf16+", "channels_last"])
+@pytest.mark.parametrize("text", ["fp16", "bf16+fp32", "bf16+", "channels_last",
+                                  "nosync+devguard"])
 def test_parse_variant_rejects(text):
     with pytest.raises(ValueError, match="--variants"):
         B.parse_variant(text)

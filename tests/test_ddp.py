@@ -117,6 +117,18 @@ def _worker(rank, port, out):
         (out / f"hand_sync{int(sync)}_rank{rank}_norms.json").write_text(json.dumps(bns))
         state = _hand_loop(model, D.unwrap(model), mine, cfg.train, rt)
         torch.save(state, out / f"hand_sync{int(sync)}_rank{rank}.pt")
+    # --- C: --guard device; the model is not DDP-wrapped, so rank 1's NaN batch reaches rank 0
+    # only through the guard's own collective (D.all_ranks): both must skip that update
+    cfg = _cfg(guard="device")
+    torch.manual_seed(0)
+    vae = T.build_from_config(cfg, (3, 32, 32))
+    opt = T.make_optimizer(vae, cfg.train)
+    flags = []
+    for i, x in enumerate(mine):
+        x = torch.full_like(x, float("nan")) if (i, rank) == (1, 1) else x
+        skipped = T.training_step(vae, vae, x, opt, cfg.train, rt=rt)["skipped"]
+        flags.append([type(skipped).__name__, bool(skipped)])
+    (out / f"devguard_rank{rank}.json").write_text(json.dumps(flags))
     dist.destroy_process_group()
 
 
@@ -194,6 +206,12 @@ def test_ddp_callbacks_on_rank_0_see_means_over_ranks(ddp_out):
         logged = steps[0][2 * epoch:2 * epoch + 2]  # which are already means over both ranks
         for key, col in (("train_loss", "loss"), ("rate", "rate"), ("distortion", "distortion")):
             assert rec[key] == pytest.approx(sum(s[col] for s in logged) / 2, rel=1e-12), key
+
+
+def test_ddp_device_guard_skips_on_every_rank_when_one_is_non_finite(ddp_out):
+    for rank in range(WORLD):
+        flags = json.loads((ddp_out / f"devguard_rank{rank}.json").read_text())
+        assert flags == [["Tensor", False], ["Tensor", True], ["Tensor", False]], rank
 
 
 def test_ddp_ranks_evaluate_the_same_model(ddp_out):

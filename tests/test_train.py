@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -179,10 +180,114 @@ def test_training_step_skip_threshold():
     s = T.training_step(vae, vae, x, opt, tc)
     assert s["skipped"] is True and float(s["grad_norm"]) > 1e-6
     assert all(torch.equal(v, before[k]) for k, v in _params(vae).items())
-    # bench's `nosync` (guard=False) applies the same update unchecked
-    s = T.training_step(vae, vae, x, opt, tc, guard=False)
+    # bench's `nosync` (guard="off") applies the same update unchecked
+    s = T.training_step(vae, vae, x, opt, tc, guard="off")
     assert s["skipped"] is False and _adam_steps(opt) == [1]
     assert any(not torch.equal(v, before[k]) for k, v in _params(vae).items())
+
+
+def _guarded_run(cfg, guard, batches):
+    """Steps of a fresh tiny VAE under `guard` with fused Adam and an EMA; each step's noise
+    seeded alike, so two guards can be compared bit for bit."""
+    tc = replace(cfg.train, guard=guard, ema=0.9)
+    torch.manual_seed(0)
+    vae = T.build_from_config(cfg, (3, 32, 32))
+    opt, ema = T.make_optimizer(vae, tc, fused=True), T.make_ema(vae, tc)
+    flags = []
+    for b in batches:
+        torch.manual_seed(1)
+        skipped = T.training_step(vae, vae, b, opt, tc)["skipped"]
+        ema.update_parameters(vae, skipped is False if isinstance(skipped, bool) else ~skipped)
+        flags.append(skipped)
+    return vae, opt, ema, flags
+
+
+def test_device_guard_decides_as_the_host_guard_without_reading_back(monkeypatch):
+    """--guard device skips the same updates as "host" and leaves the same weights, Adam state,
+    BatchNorm buffers and EMA, bit for bit (both with fused Adam), while nothing in the step or
+    the EMA update reads a tensor back to the host."""
+    cfg, _, _, x = _step_setup()
+    bad = x.clone()
+    bad[3, 1, 5, 7] = float("nan")
+    batches = [x, bad, x.flip(0), bad, x]
+    host = _guarded_run(cfg, "host", batches)
+    assert host[3] == [False, True, False, True, False]
+
+    def no_read(self, *a):
+        raise AssertionError("a host read of a tensor under --guard device")
+    with monkeypatch.context() as m:
+        for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, no_read)
+        dev = _guarded_run(cfg, "device", batches)
+    assert all(isinstance(f, torch.Tensor) and f.dtype == torch.bool for f in dev[3])
+    assert [bool(f) for f in dev[3]] == host[3]
+    for (k, a), b in zip(host[0].state_dict().items(), dev[0].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert any("running_mean" in k for k in host[0].state_dict())  # BN buffers were compared
+    assert _adam_steps(host[1]) == _adam_steps(dev[1]) == [3]
+    for a, b in zip(host[1].state.values(), dev[1].state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for (k, a), b in zip(host[2].state_dict().items(), dev[2].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert int(dev[2].n_averaged) == 3
+    # the device guard skips through fused Adam's found_inf: another optimizer is refused
+    _, vae, opt, x = _step_setup()
+    with pytest.raises(ValueError, match="fused Adam"):
+        T.training_step(vae, vae, x, opt, replace(cfg.train, guard="device"))
+
+
+def test_ema_update_is_averaged_models_with_warmup_and_skips_on_the_device():
+    """EMA.update_parameters gives what AveragedModel with TensorFlow's warm-up gives (the first
+    update copies), and a false `ok`, a bool or a tensor, changes nothing, its count included."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def tf_warmup(avg, cur, n):
+        if not avg[0].is_floating_point():
+            torch._foreach_copy_(avg, cur)
+            return
+        d = ((1 + n) / (10 + n)).clamp(max=0.9)
+        torch._foreach_lerp_(avg, cur, (1 - d).to(avg[0].dtype))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ours, ref = T.EMA(net, 0.9), AveragedModel(net, multi_avg_fn=tf_warmup, use_buffers=True)
+
+    def move():
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(8, 3))  # moves the BatchNorm buffers
+    for i in range(6):
+        move()
+        ours.update_parameters(net, True if i % 2 else torch.tensor(True))
+        ref.update_parameters(net)
+        for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), (i, k)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    move()
+    ours.update_parameters(net, torch.tensor(False))
+    ours.update_parameters(net, False)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert int(ours.n_averaged) == 6
+
+
+def test_device_guard_trains_and_stops_a_nan_storm_at_its_next_read(tmp_path, monkeypatch):
+    s = train_small(cfg_for(max_epochs=2, batch_size=16, guard="device", ema=0.9, log_every=3),
+                    tmp_path / "ok")
+    assert s["skipped_updates"] == 0 and s["steps"] == 8 and math.isfinite(s["test_loss"])
+    assert R.load_checkpoint(tmp_path / "ok" / "checkpoints" / "last.pt")["ema_updates"] == 8
+    _nan_batches(monkeypatch)
+    # at each epoch's end the skips are read: as under "host" (test below), the 4th stops
+    s = train_small(cfg_for(max_skips=3, max_epochs=10, sample_every=0, guard="device"),
+                    tmp_path / "a")
+    assert (s["stop_reason"], s["epochs"], s["steps"], s["skipped_updates"]) == (
+        "non_finite", 2, 4, 4)
+    # inside a long epoch with no log steps they are read every SETTLE_EVERY updates
+    s = train_small(cfg_for(max_skips=3, batch_size=2, subset=128, log_every=0, sample_every=0,
+                            guard="device"), tmp_path / "b")
+    assert s["stop_reason"] == "non_finite"
+    assert s["steps"] == s["skipped_updates"] == T.SETTLE_EVERY
 
 
 def test_skipped_step_leaves_batchnorm_buffers_intact():

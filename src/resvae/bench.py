@@ -20,7 +20,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -44,21 +44,23 @@ MATMUL_SIZE = 2048
 ROUNDS = 5  # each variant is timed once per round; the median round is reported
 WARMUP_STEPS = 3  # allocator, kernel choice, and compiling (a compiled step may retrace once)
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training set: (50000, 3, 32, 32) uint8
-TOKENS = ("fp32", "bf16", "cl", "compiled", "fused", "nosync")
+TOKENS = ("fp32", "bf16", "cl", "compiled", "fused", "nosync", "devguard")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """How the step runs: bf16 autocast, channels_last, torch.compile, fused Adam, and `nosync`:
-    without the skip guard's host sync per step (every update applied unchecked; what the sync
-    costs, not a way to train). `naive` is the baseline: eager fp32 NCHW, default Adam, each
-    image converted to float on its own."""
+    """How the step runs: bf16 autocast, channels_last, torch.compile, fused Adam, `devguard`
+    (--guard device: the skip guard decided on the device, with fused Adam) and `nosync`:
+    without any skip guard (every update applied unchecked; what the guard's host sync costs,
+    not a way to train). `naive` is the baseline: eager fp32 NCHW, default Adam, each image
+    converted to float on its own."""
 
     bf16: bool = False
     channels_last: bool = False
     compiled: bool = False
     fused: bool = False
     nosync: bool = False
+    devguard: bool = False
     naive: bool = False
 
     @property
@@ -66,25 +68,30 @@ class Variant:
         if self.naive:
             return "baseline"
         flags = (("cl", self.channels_last), ("compiled", self.compiled), ("fused", self.fused),
-                 ("nosync", self.nosync))
+                 ("nosync", self.nosync), ("devguard", self.devguard))
         return "+".join(["bf16" if self.bf16 else "fp32"] + [t for t, on in flags if on])
 
 
 def parse_variant(text: str) -> Variant:
-    """'bf16+cl+compiled' -> Variant; tokens: fp32 or bf16, cl, compiled, fused, nosync."""
+    """'bf16+cl+compiled' -> Variant; tokens: fp32 or bf16, cl, compiled, fused, nosync,
+    devguard."""
     tokens = [t.strip() for t in text.split("+")]
     bad = [t for t in tokens if t not in TOKENS]
-    if bad or ("fp32" in tokens and "bf16" in tokens):
+    if bad or ("fp32" in tokens and "bf16" in tokens) or {"nosync", "devguard"} <= set(tokens):
         raise ValueError(f"--variants: {text!r}: expected tokens joined by '+' from "
-                         f"{', '.join(TOKENS)} (fp32 or bf16, not both), e.g. bf16+cl+compiled")
-    return Variant("bf16" in tokens, "cl" in tokens, "compiled" in tokens, "fused" in tokens,
-                   "nosync" in tokens)
+                         f"{', '.join(TOKENS)} (fp32 or bf16, not both; nosync or devguard, not "
+                         "both), e.g. bf16+cl+compiled")
+    devguard = "devguard" in tokens  # decides through fused Adam's found_inf: implies fused
+    return Variant("bf16" in tokens, "cl" in tokens, "compiled" in tokens,
+                   "fused" in tokens or devguard, "nosync" in tokens, devguard)
 
 
 def config_variant(cfg: RunConfig) -> Variant:
     """The variant `resvae train` with this config runs."""
     tc = cfg.train
-    return Variant(tc.precision == "bf16", tc.channels_last, tc.compile)
+    device_guard = tc.guard == "device"
+    return Variant(tc.precision == "bf16", tc.channels_last, tc.compile, fused=device_guard,
+                   devguard=device_guard)
 
 
 def bench_images(cfg: RunConfig, synthetic: bool) -> np.ndarray:
@@ -171,7 +178,9 @@ class Runner:
         if variant.compiled:
             vae.compile()  # in place, as train.py does
         self.variant, self.vae = variant, vae
-        self.opt = make_optimizer(vae, tc, fused=True if variant.fused else None)
+        self.guard = "off" if variant.nosync else "device" if variant.devguard else "host"
+        self.opt = make_optimizer(vae, replace(tc, guard=self.guard),
+                                  fused=True if variant.fused else None)
         self.autocast = autocast_context("bf16" if variant.bf16 else "fp32", device)
         if variant.naive:
             self.inputs = _naive_batches(images, tc.batch_size, tc.seed, device)
@@ -182,10 +191,11 @@ class Runner:
 
     def step(self) -> None:
         out = training_step(self.vae, self.vae, next(self.inputs), self.opt, self.tc,
-                            autocast=self.autocast, guard=not self.variant.nosync)
-        self.skipped += out["skipped"]
-        if self.ema is not None and not out["skipped"]:
-            self.ema.update_parameters(self.vae)
+                            autocast=self.autocast, guard=self.guard)
+        skipped = out["skipped"]  # a bool, or a 0-d bool tensor on the device (devguard)
+        self.skipped += skipped  # (a tensor then: read once, at the end)
+        if self.ema is not None and skipped is not True:
+            self.ema.update_parameters(self.vae, True if skipped is False else ~skipped)
 
 
 def flops_per_image(vae: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer,
@@ -309,7 +319,7 @@ def bench(cfg: RunConfig, images: np.ndarray, *, seconds: float = 30.0,
         "images_per_s": ips[name], "achieved_gflops": ips[name] * flops / 1e9,
         "ratio_to_peak": ips[name] * flops / 1e9 / peak32,
         "speedup_vs_baseline": ips[name] / ips["baseline"], "warmup_seconds": warmup[name],
-        "round_images_per_s": rates[name], "skipped_updates": runners[name].skipped}
+        "round_images_per_s": rates[name], "skipped_updates": int(runners[name].skipped)}
         for name in runners}
     m = per_variant[main.name]
     steps_per_s = m["images_per_s"] / tc.batch_size

@@ -499,8 +499,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     be.add_argument("--variants", type=_variants, default=[], metavar="V,...",
                     help="also time these variants, interleaved with the configured one: "
                          "tokens joined by '+' from fp32 or bf16, cl (channels_last), compiled, "
-                         "fused (fused Adam), nosync (no skip guard: what its host sync per step "
-                         "costs), e.g. fp32,bf16,bf16+cl,bf16+compiled")
+                         "fused (fused Adam), devguard (--guard device, with fused Adam), nosync "
+                         "(no skip guard: what its host sync per step costs), e.g. "
+                         "fp32,bf16,bf16+cl,bf16+compiled,bf16+devguard")
     be.add_argument("--profile", action="store_true",
                     help="also list the top operators of the configured variant "
                          "(torch.profiler)")

@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 CHOICES = {
     "arch": tuple(ARCHS), "likelihood": tuple(LIKELIHOODS), "block": tuple(BLOCKS),
     "shortcut": SHORTCUTS, "upsample": UPSAMPLE, "precision": ("fp32", "bf16"),
-    "lr_schedule": ("constant", "cosine"),
+    "lr_schedule": ("constant", "cosine"), "guard": ("host", "device"),
     "dataset": DATASETS,
 }
 
@@ -167,6 +167,14 @@ class TrainConfig:
         "skipped); 0 = off", unit="L2 norm")
     max_skips: int = setting(20, "more than this many skipped updates in a row stop the run",
                              unit="updates")
+    guard: str = setting(
+        "host", "where the skip guard (non-finite or above --skip-threshold) decides whether to "
+        "apply an update", choices=CHOICES["guard"], choice_help={
+            "host": "read back after every update (one host sync per update: nothing on a CPU, "
+                    "a stall of the GPU's queue on a GPU); any optimizer",
+            "device": "decided on the device: fused Adam skips through its found_inf, the "
+                      "skips are read back every 50 updates (and --max-skips checked then); "
+                      "no host sync per update"})
     max_epochs: int = setting(1000, "stop after this many epochs", unit="epochs")
     budget: str = setting(
         "", "wall-clock budget of one invocation (a resumed run gets a fresh one); \"\" = none",

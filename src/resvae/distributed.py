@@ -108,6 +108,16 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
+def all_ranks(flag: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """A 0-d bool tensor, true where it is true on every rank: `any_rank`'s decision for
+    --guard device, made on the device (no host read; the collective is queued like a kernel)."""
+    if not rt.ddp:
+        return flag
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.bool()
+
+
 def agree_max(values: list[int], rt: Runtime) -> list[int]:
     """The element-wise maximum over ranks of a few small integers (stop and checkpoint
     requests): one collective, so every rank takes the same decision at the same step."""

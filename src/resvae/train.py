@@ -83,21 +83,44 @@ def cosine_factor(progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-def ema_update(decay: float):
-    """AveragedModel's update with TensorFlow's warm-up (ExponentialMovingAverage's num_updates):
-    the decay after n updates is min(decay, (1 + n) / (10 + n)). Without it a 10-minute run's
-    average (decay 0.999, ~2,000 updates) still gives the first, untrained weights about a tenth
-    of its weight: in a trial run of the cpu preset without warm-up the average scored 8.26
-    bits/dim after one epoch, where the same recipe's raw weights scored 5.21. The decay is
-    computed on the device (AveragedModel itself reads its counter on the host each update)."""
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
-        if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked: a count,
-            torch._foreach_copy_(averaged, current)  # not averaged (lerp has no int kernel)
+class EMA(AveragedModel):
+    """--ema's average of the weights (and buffers), with TensorFlow's warm-up
+    (ExponentialMovingAverage's num_updates): the decay after n updates is
+    min(decay, (1 + n) / (10 + n)). Without it a 10-minute run's average (decay 0.999, ~2,000
+    updates) still gives the first, untrained weights about a tenth of its weight: in a trial run
+    of the cpu preset without warm-up the average scored 8.26 bits/dim after one epoch, where
+    the same recipe's raw weights scored 5.21.
+
+    `update_parameters` is AveragedModel's (the first update copies, then a lerp per dtype
+    group) without its host reads: the counter lives on the model's device, and `ok` (a 0-d
+    bool tensor from --guard device) turns a skipped update into no update without a sync."""
+
+    def __init__(self, vae: torch.nn.Module, decay: float):
+        super().__init__(vae, device=next(vae.parameters()).device, use_buffers=True)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module, ok: bool | torch.Tensor = True) -> None:
+        if ok is False:
             return
-        # (AveragedModel calls this once per device and dtype group: a group is all float or not)
-        d = ((1 + n) / (10 + n)).clamp(max=decay)
-        torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
-    return update
+        n = self.n_averaged
+        d = ((1 + n) / (10 + n)).clamp(max=self.decay)
+        w = torch.where(n == 0, 1.0, 1 - d)  # lerp by 1 is an exact copy: AveragedModel's start
+        if ok is not True:
+            w = torch.where(ok, w, 0.0)  # lerp by 0 leaves the average exactly as it was
+        groups: dict[torch.dtype, tuple[list, list]] = {}
+        for a, c in zip([*self.module.parameters(), *self.module.buffers()],
+                        [*model.parameters(), *model.buffers()], strict=True):
+            pair = groups.setdefault(a.dtype, ([], []))
+            pair[0].append(a)
+            pair[1].append(c.detach())
+        for dtype, (avg, cur) in groups.items():
+            if dtype.is_floating_point:
+                torch._foreach_lerp_(avg, cur, w.to(dtype))
+            else:  # BatchNorm's num_batches_tracked: a count, copied (lerp has no int kernel)
+                for a, c in zip(avg, cur):
+                    a.copy_(c if ok is True else torch.where(ok, c, a))
+        self.n_averaged += 1 if ok is True else ok.to(n.dtype)
 
 
 def kl_beta(step: int, anneal_steps: int) -> float:
@@ -115,17 +138,18 @@ def make_plateau(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.Re
 
 def make_optimizer(vae: torch.nn.Module, cfg, *, fused: bool | None = None) -> torch.optim.Adam:
     """The Adam of training (and of `resvae bench`, which times the same step). `fused=True`
-    asks for torch's one-kernel Adam; None keeps torch's default implementation."""
+    asks for torch's one-kernel Adam; None keeps torch's default implementation, except under
+    --guard device, which needs the fused one (its `found_inf` skips an update on the device)."""
+    if cfg.guard == "device":
+        fused = True
     return torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=fused)
 
 
-def make_ema(vae: torch.nn.Module, cfg) -> AveragedModel | None:
+def make_ema(vae: torch.nn.Module, cfg) -> EMA | None:
     """--ema's average of `vae` (training's and `resvae bench`'s), None when off. Made before
     `vae` is compiled: the average is only evaluated (once an epoch), eagerly."""
-    if cfg.ema <= 0:
-        return None
-    return AveragedModel(vae, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
+    return EMA(vae, cfg.ema) if cfg.ema > 0 else None
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -156,15 +180,24 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
                   opt: torch.optim.Optimizer, cfg, *, beta: float = 1.0,
                   autocast=contextlib.nullcontext, rt: D.Runtime | None = None,
-                  guard: bool = True) -> dict:
+                  guard: str | None = None) -> dict:
     """One update. A non-finite loss or gradient norm (or one above `skip_threshold`) skips the
-    update instead of poisoning the weights (VDVAE's guard); the caller counts skips.
-    `guard=False` (only `resvae bench`'s `nosync` variant) applies every update unchecked: it
-    measures what the guard's one host sync per step costs, which matters on a GPU alone.
+    update instead of poisoning the weights (VDVAE's guard); the caller counts skips. `guard`
+    (default `cfg.guard`) says where that is decided:
+    - "host": read back here, the step's one host sync; any optimizer. `skipped` is a bool.
+    - "device": never read back. Fused Adam skips its own update through `found_inf` (as it
+      does under GradScaler), the BatchNorm buffers are put back with torch.where, and
+      `skipped` is a 0-d bool tensor on the device that the caller reads only now and then: on
+      a GPU the host queues the next steps meanwhile.
+    - "off" (only `resvae bench`'s `nosync` variant): every update applied unchecked, to measure
+      what the guard costs.
 
     Returns the batch means of `loss`, `rate`, `distortion` and the `grad_norm` as 0-d tensors
     on the device (the caller sums them there and reads them back only now and then), and
-    `skipped`, the one value the host needs every step."""
+    `skipped`."""
+    guard = guard or cfg.guard
+    if guard == "device" and not opt.defaults.get("fused"):
+        raise ValueError("guard 'device' needs fused Adam: make_optimizer(..., fused=True)")
     opt.zero_grad(set_to_none=True)
     buffers = list(vae.buffers())  # BN running stats, restored on a skip
     saved = [torch.empty_like(b) for b in buffers]
@@ -181,17 +214,31 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     ok = torch.isfinite(objective) & torch.isfinite(norm)
     if cfg.skip_threshold > 0:  # compared in float64, as a Python float would be
         ok &= norm.double() < cfg.skip_threshold
-    ok = bool(ok) if guard else True  # the step's one host sync: whether to update depends on it
-    if rt is not None:
-        ok = not D.any_rank(not ok, rt)  # every rank skips together
-    if ok:
-        opt.step()
-    else:
-        opt.zero_grad(set_to_none=True)
+    if guard == "device":
+        if rt is not None:
+            ok = D.all_ranks(ok, rt)  # every rank skips together, still on the device
+        opt.found_inf = (~ok).float()
+        try:
+            opt.step()
+        finally:
+            opt.found_inf = None
         with torch.no_grad():  # the forward pass already moved the BN running statistics
-            _copy_all(buffers, saved)
+            for b, old in zip(buffers, saved):
+                b.copy_(torch.where(ok, b, old))
+        skipped = ~ok
+    else:
+        ok = bool(ok) if guard == "host" else True  # the one host sync: whether to update
+        if rt is not None:
+            ok = not D.any_rank(not ok, rt)  # every rank skips together
+        if ok:
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                _copy_all(buffers, saved)
+        skipped = not ok
     stats = {k: out[k].detach().mean() for k in ("loss", "rate", "distortion")}
-    return {**stats, "grad_norm": norm.detach(), "skipped": not ok}
+    return {**stats, "grad_norm": norm.detach(), "skipped": skipped}
 
 
 def _want_bar() -> bool:
@@ -225,7 +272,7 @@ class TrainState:
     opt: torch.optim.Optimizer
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau
     early: EarlyStopping
-    ema: AveragedModel | None = None  # --ema: the weights that are evaluated and saved
+    ema: EMA | None = None  # --ema: the weights that are evaluated and saved
     epoch: int = 0  # epochs completed
     step: int = 0
     best_epoch: int = 0
@@ -284,6 +331,8 @@ STEP_KEYS = ("loss", "rate", "distortion", "grad_norm")  # what training_step su
 # Under torchrun the ranks agree on stops (signal, budget) and time-based checkpoints every this
 # many updates: one small collective, instead of one more host sync per update.
 POLL_EVERY = 10
+# Under --guard device the skips are read back (and --max-skips checked) at least this often.
+SETTLE_EVERY = 50
 
 
 @dataclass
@@ -594,6 +643,7 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     ep = _begin_epoch(s, state)
     s.model.train()
     t0 = time.monotonic()
+    pending: list = []  # each update's `skipped` since the last settle()
     bar = None
     if s.bar:
         from tqdm.auto import tqdm
@@ -614,22 +664,24 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
         state.step += 1
         ep.batch += 1
         ep.images += x.shape[0] * rt.world_size
-        if out["skipped"]:
-            ep.skipped, state.consecutive_skips = ep.skipped + 1, state.consecutive_skips + 1
-            s.window.skipped += 1
-            if state.consecutive_skips > tc.max_skips:
-                ep.stop_reason = "non_finite"  # no checkpoint of a diverged state
-                break
-        else:
-            state.consecutive_skips, ep.n_ok = 0, ep.n_ok + 1
+        skipped = out["skipped"]  # a bool, or a 0-d bool tensor on the device (--guard device)
+        pending.append(skipped)
+        ok = not skipped if isinstance(skipped, bool) else ~skipped
+        if ok is not False:
             if state.ema is not None:
-                state.ema.update_parameters(state.vae)
+                state.ema.update_parameters(state.vae, ok)
             # summed on the device, no sync: float32 batch means added in float64
             values = torch.stack([out[k].double() for k in STEP_KEYS])
+            if ok is not True:
+                values = torch.where(ok, values, 0.0)  # a skipped update adds nothing
             ep.sums += values[:3]
             s.window.sums += values
-            s.window.n_ok += 1
-        if tc.log_every > 0 and state.step % tc.log_every == 0:
+        log_due = tc.log_every > 0 and state.step % tc.log_every == 0
+        if (isinstance(skipped, bool) or log_due or ep.complete
+                or len(pending) >= SETTLE_EVERY) and settle(s, state, ep, pending):
+            ep.stop_reason = "non_finite"  # no checkpoint of a diverged state
+            break
+        if log_due:
             stats = log_step(s, state, lr=lr, beta=beta)
             if bar is not None and stats["loss"] is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.1f}", rate=f"{stats['rate']:.1f}",
@@ -639,6 +691,9 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
         if bar is not None:
             bar.update()
         stop, due = poll(s, state)
+        if (stop or due) and settle(s, state, ep, pending):  # counted before a checkpoint
+            ep.stop_reason = "non_finite"
+            break
         if (stop or due) and not ep.complete:  # at the epoch's end, end_epoch checkpoints
             ep.seconds += time.monotonic() - t0
             ep.progress = save_inside_epoch(s, state, ep)
@@ -648,6 +703,8 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
             break
     if bar is not None:
         bar.close()
+    if settle(s, state, ep, pending) and ep.stop_reason is None:  # (only if the data ran short)
+        ep.stop_reason = "non_finite"
     for g in opt.param_groups:
         g["lr"] = ep.peak_lr
     ep.seconds += time.monotonic() - t0
@@ -659,6 +716,29 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     state.skipped_total += ep.skipped
     state.images_seen += ep.images
     return ep
+
+
+def settle(s: Session, state: TrainState, ep: Epoch, pending: list) -> bool:
+    """Count the skipped updates in `pending` (and empty it): one host read for all of them
+    under --guard device, where this runs every SETTLE_EVERY updates and before a log step or a
+    checkpoint. True when more than --max-skips came in a row: the run stops then, so under
+    --guard device up to SETTLE_EVERY updates later than under "host" (skipped updates change
+    nothing, so no diverged state is ever saved)."""
+    if not pending:
+        return False
+    flags = (torch.stack(pending).tolist() if isinstance(pending[0], torch.Tensor)
+             else list(pending))
+    pending.clear()
+    diverged = False
+    for skipped in flags:
+        if skipped:
+            ep.skipped, s.window.skipped = ep.skipped + 1, s.window.skipped + 1
+            state.consecutive_skips += 1
+            diverged |= state.consecutive_skips > s.cfg.train.max_skips
+        else:
+            ep.n_ok, s.window.n_ok = ep.n_ok + 1, s.window.n_ok + 1
+            state.consecutive_skips = 0
+    return diverged
 
 
 def schedule_factor(s: Session, state: TrainState) -> float:
