@@ -119,7 +119,8 @@ def test_checkpoints_inside_the_epoch_every_n_steps(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ signals, in this process
 
-@pytest.mark.parametrize("extra", [{}, {"ema": 0.9}], ids=["plain", "ema"])
+@pytest.mark.parametrize("extra", [{}, {"ema": 0.9}, {"ema": 0.9, "guard": "device"}],
+                         ids=["plain", "ema", "device-guard"])
 def test_sigterm_inside_an_epoch_checkpoints_there_and_resume_is_exact(tmp_path, extra):
     a, b = tmp_path / "a", tmp_path / "b"
     train_small(cfg_for(**extra), a)

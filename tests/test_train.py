@@ -290,6 +290,22 @@ def test_device_guard_trains_and_stops_a_nan_storm_at_its_next_read(tmp_path, mo
     assert s["steps"] == s["skipped_updates"] == T.SETTLE_EVERY
 
 
+def test_resume_under_another_guard_takes_this_runs_adam(tmp_path, monkeypatch):
+    """A run written under --guard host (default Adam) resumed with --guard device must step
+    with fused Adam (whose found_inf skips), not with the checkpoint's implementation."""
+    run = tmp_path / "run"
+    train_small(cfg_for(max_epochs=1, batch_size=16), run)
+    seen, real = [], T.training_step
+
+    def spy(model, vae, x, opt, *a, **k):
+        seen.append([(g["fused"], g["foreach"]) for g in opt.param_groups])
+        return real(model, vae, x, opt, *a, **k)
+    monkeypatch.setattr(T, "training_step", spy)
+    s = train_small(cfg_for(max_epochs=2, batch_size=16, guard="device"), run, resume=True)
+    assert s["steps"] == 8 and len(seen) == 4
+    assert all(groups == [(True, None)] for groups in seen)
+
+
 def test_skipped_step_leaves_batchnorm_buffers_intact():
     cfg, vae, opt, x = _step_setup()
     bufs = {k: v.clone() for k, v in vae.named_buffers()}

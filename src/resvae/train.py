@@ -196,7 +196,7 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     on the device (the caller sums them there and reads them back only now and then), and
     `skipped`."""
     guard = guard or cfg.guard
-    if guard == "device" and not opt.defaults.get("fused"):
+    if guard == "device" and not all(g.get("fused") for g in opt.param_groups):
         raise ValueError("guard 'device' needs fused Adam: make_optimizer(..., fused=True)")
     opt.zero_grad(set_to_none=True)
     buffers = list(vae.buffers())  # BN running stats, restored on a skip
@@ -310,7 +310,12 @@ class TrainState:
         if self.ema is not None:  # a run resumed with --ema that had none starts it afresh
             self.ema.module.load_state_dict(ckpt.get("ema", ckpt["model"]))
             self.ema.n_averaged.fill_(ckpt.get("ema_updates", 0))
-        self.opt.load_state_dict(ckpt["optimizer"])
+        # Adam's implementation (fused or not) is this run's choice, not the checkpoint's:
+        # --guard device skips through fused Adam's found_inf, which the others ignore.
+        saved = ckpt["optimizer"]
+        self.opt.load_state_dict({**saved, "param_groups": [
+            {**old, "fused": new["fused"], "foreach": new["foreach"]}
+            for old, new in zip(saved["param_groups"], self.opt.param_groups)]})
         # The optimizer's state carries the old hyper-parameters: a changed --lr / --betas /
         # --weight-decay on resume is applied on purpose, not silently dropped.
         was, tc = ckpt["config"]["train"], cfg.train
