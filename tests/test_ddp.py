@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,17 @@ def _worker(rank, port, out):
         skipped = T.training_step(vae, vae, x, opt, cfg.train, rt=rt)["skipped"]
         flags.append([type(skipped).__name__, bool(skipped)])
     (out / f"devguard_rank{rank}.json").write_text(json.dumps(flags))
+    # --- D: --channels-last under DDP (hier, whose top bias is 1x1): no grad / bucket stride
+    # mismatch warning from the reducer
+    from resvae.config import resolve
+    cfg = resolve(preset="cpu", environ={}, overrides={"width": 0.0625, "device": "cpu"})
+    torch.manual_seed(0)
+    model = D.wrap(T.to_channels_last(T.build_from_config(cfg, (3, 32, 32))), rt, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(mine[0].contiguous(memory_format=torch.channels_last))["loss"].mean().backward()
+    (out / f"cl_warnings_rank{rank}.json").write_text(json.dumps([str(w.message)
+                                                                  for w in caught]))
     dist.destroy_process_group()
 
 
@@ -212,6 +224,12 @@ def test_ddp_device_guard_skips_on_every_rank_when_one_is_non_finite(ddp_out):
     for rank in range(WORLD):
         flags = json.loads((ddp_out / f"devguard_rank{rank}.json").read_text())
         assert flags == [["Tensor", False], ["Tensor", True], ["Tensor", False]], rank
+
+
+def test_ddp_channels_last_gives_no_grad_stride_warning(ddp_out):
+    for rank in range(WORLD):
+        caught = json.loads((ddp_out / f"cl_warnings_rank{rank}.json").read_text())
+        assert not [w for w in caught if "strides" in w], caught
 
 
 def test_ddp_ranks_evaluate_the_same_model(ddp_out):

@@ -36,6 +36,7 @@ from .train import (
     load_splits,
     make_ema,
     make_optimizer,
+    to_channels_last,
     training_step,
 )
 from .vae import build_from_config
@@ -173,7 +174,7 @@ class Runner:
         torch.manual_seed(tc.seed)  # every variant starts from the same weights
         vae = build_from_config(cfg, tuple(images.shape[1:])).to(device)
         if variant.channels_last:
-            vae = vae.to(memory_format=torch.channels_last)
+            to_channels_last(vae)
         self.ema = make_ema(vae, tc)  # before compiling, as train.py does
         if variant.compiled:
             vae.compile()  # in place, as train.py does

@@ -152,6 +152,17 @@ def make_ema(vae: torch.nn.Module, cfg) -> EMA | None:
     return EMA(vae, cfg.ema) if cfg.ema > 0 else None
 
 
+def to_channels_last(vae: torch.nn.Module) -> torch.nn.Module:
+    """--channels-last: the convolutions' weights in NHWC (the inputs come so from `to_input`).
+    Only theirs: another 4-D parameter of 1x1 spatial size (hier's top-level bias) is NCHW- and
+    NHWC-contiguous at once, and with NHWC strides it disagrees with the NCHW strides of the
+    gradient autograd gives it, which DDP reports as a grad / bucket-view stride mismatch."""
+    for m in vae.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            m.to(memory_format=torch.channels_last)
+    return vae
+
+
 def autocast_context(precision: str, device: torch.device):
     """A callable giving the forward's autocast context: bf16 autocast, or none for fp32."""
     if precision == "bf16":
@@ -471,7 +482,7 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     torch.manual_seed(tc.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     vae = build_from_config(cfg, tuple(data.train.images.shape[1:])).to(rt.device)
     if tc.channels_last:
-        vae = vae.to(memory_format=torch.channels_last)
+        to_channels_last(vae)
     model = D.wrap(vae, rt, tc.sync_bn)
     vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
     ema = make_ema(vae, tc)  # before vae.compile() below
