@@ -4,8 +4,8 @@ One process measures everything, so each ratio is taken side by side on the same
 - the matmul ceilings (fp32 and bf16, 2048^3, all threads, median of several) before and after
   the model, so a throttled or shared machine shows itself;
 - FLOPs per training image: forward + backward of the real step, counted by FlopCounterMode;
-- images/s of the real training step (`train.training_step`, the optimizer of
-  `train.make_optimizer`) fed by the real data path (uint8 batches of the in-memory arrays ->
+- images/s of the real training step (`step.training_step`, the optimizer of
+  `step.make_optimizer`) fed by the real data path (uint8 batches of the in-memory arrays ->
   `data.to_input`), for the configured variant, any `--variants`, and a naive baseline (eager
   fp32 NCHW, images converted to float one by one), interleaved round by round;
 - the data path alone, in batches/s;
@@ -30,15 +30,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import RunConfig, to_dict
 from .data import iterate_batches, to_input
 from .distributed import resolve_device
-from .train import (
-    _device_name,
+from .step import (
     autocast_context,
-    load_splits,
     make_ema,
     make_optimizer,
     to_channels_last,
     training_step,
 )
+from .train import _device_name, load_splits
 from .vae import build_from_config
 
 MATMUL_SIZE = 2048
