@@ -95,6 +95,10 @@ print(f"  one CIFAR-10 epoch (50,000 images): {epoch_h * 60:.1f} min; 100 epochs
 if preset in STUDY_HOURS:
     h = STUDY_HOURS[preset]
     print(f"  the study's {h} h on a GTX 1070 train {h / epoch_h:,.0f} epochs here")
+for name, v in r["variants"].items():  # EXTRA_ARGS="--variants ...": each side by side
+    if name not in (r["variant"], "baseline"):
+        print(f"  variant {name}: {v['images_per_s']:,.0f} images/s "
+              f"({v['speedup_vs_baseline']:.2f}x the baseline)")
 EOF
     echo "  (record: $record)"
   fi
