@@ -197,7 +197,7 @@ def _guarded_run(cfg, guard, batches):
     for b in batches:
         torch.manual_seed(1)
         skipped = T.training_step(vae, vae, b, opt, tc)["skipped"]
-        ema.update_parameters(vae, skipped is False if isinstance(skipped, bool) else ~skipped)
+        ema.update_parameters(vae, T.applied(skipped))
         flags.append(skipped)
     return vae, opt, ema, flags
 

@@ -31,6 +31,7 @@ from .config import RunConfig, to_dict
 from .data import iterate_batches, to_input
 from .distributed import resolve_device
 from .step import (
+    applied,
     autocast_context,
     make_ema,
     make_optimizer,
@@ -194,8 +195,8 @@ class Runner:
                             autocast=self.autocast, guard=self.guard)
         skipped = out["skipped"]  # a bool, or a 0-d bool tensor on the device (devguard)
         self.skipped += skipped  # (a tensor then: read once, at the end)
-        if self.ema is not None and skipped is not True:
-            self.ema.update_parameters(self.vae, True if skipped is False else ~skipped)
+        if self.ema is not None:
+            self.ema.update_parameters(self.vae, applied(skipped))
 
 
 def flops_per_image(vae: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer,

@@ -50,12 +50,8 @@ class EMA(AveragedModel):
         w = torch.where(n == 0, 1.0, 1 - d)  # lerp by 1 is an exact copy: AveragedModel's start
         if ok is not True:
             w = torch.where(ok, w, 0.0)  # lerp by 0 leaves the average exactly as it was
-        groups: dict[torch.dtype, tuple[list, list]] = {}
-        for a, c in zip([*self.module.parameters(), *self.module.buffers()],
-                        [*model.parameters(), *model.buffers()], strict=True):
-            pair = groups.setdefault(a.dtype, ([], []))
-            pair[0].append(a)
-            pair[1].append(c.detach())
+        groups = _by_dtype([*self.module.parameters(), *self.module.buffers()],
+                           [c.detach() for c in (*model.parameters(), *model.buffers())])
         for dtype, (avg, cur) in groups.items():
             if dtype.is_floating_point:
                 torch._foreach_lerp_(avg, cur, w.to(dtype))
@@ -104,16 +100,29 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+def _by_dtype(dst: list[torch.Tensor], src: list[torch.Tensor]
+              ) -> dict[torch.dtype, tuple[list, list]]:
+    """Pairs (dst[i], src[i]) grouped by dtype, for multi-tensor (_foreach) ops, which take one
+    dtype per call."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for d, s in zip(dst, src, strict=True):
+        pair = groups.setdefault(d.dtype, ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    return groups
+
+
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for every i, as one multi-tensor copy per dtype: a copy per buffer
     is hundreds of tiny kernel launches per step on a GPU for a deep net's BatchNorms."""
-    groups: dict[torch.dtype, tuple[list, list]] = {}
-    for d, s in zip(dst, src):
-        pair = groups.setdefault(s.dtype, ([], []))
-        pair[0].append(d)
-        pair[1].append(s)
-    for d, s in groups.values():
+    for d, s in _by_dtype(dst, src).values():
         torch._foreach_copy_(d, s)
+
+
+def applied(skipped: bool | torch.Tensor) -> bool | torch.Tensor:
+    """Whether `training_step`'s update was applied: a bool under --guard host, a 0-d bool
+    tensor on the device under --guard device (negated there, without a host read)."""
+    return not skipped if isinstance(skipped, bool) else ~skipped
 
 
 def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,

@@ -49,6 +49,7 @@ from .runs import (
 )
 from .step import (
     EMA,
+    applied,
     autocast_context,
     cosine_factor,
     kl_beta,
@@ -528,7 +529,7 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
         ep.images += x.shape[0] * rt.world_size
         skipped = out["skipped"]  # a bool, or a 0-d bool tensor on the device (--guard device)
         pending.append(skipped)
-        ok = not skipped if isinstance(skipped, bool) else ~skipped
+        ok = applied(skipped)
         if ok is not False:
             if state.ema is not None:
                 state.ema.update_parameters(state.vae, ok)
