@@ -268,7 +268,7 @@ def test_odd_image_size_trains(env, capsys):
                       str(root), "--subset", "0", "--batch-size", "4", "--image-size", "7",
                       "--out", str(out)], capsys)
     assert rc == 0, lines
-    from resvae.runs import load_checkpoint
+    from resvae.checkpoints import load_checkpoint
     assert load_checkpoint(out / "checkpoints" / "last.pt")["image_shape"] == [3, 7, 7]
 
 

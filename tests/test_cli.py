@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import resvae.checkpoints as CK
 import resvae.cli as cli
-import resvae.runs as R
 from resvae import config as C
 from resvae.cli import build_parser, main
 from resvae.config import tomllib
@@ -298,14 +298,14 @@ def test_env_is_honoured_and_flags_beat_it(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "env" / "config.json").read_text())
     assert cfg["model"]["latent_dim"] == 4 and cfg["train"]["batch_size"] == 16
     assert cfg["model"]["depth"] == 20  # the preset still applies below the env
-    ckpt = R.load_checkpoint(tmp_path / "env" / "checkpoints" / "last.pt")
+    ckpt = CK.load_checkpoint(tmp_path / "env" / "checkpoints" / "last.pt")
     # one row per latent dim for the mean and one for the log-variance: the env's 4, not the
     # preset's 8
     assert ckpt["model"]["encoder.latent.weight"].shape[0] == 2 * 4
     assert ckpt["step"] == 64 // 16  # one epoch (--max-epochs 1, no budget) of 64 images / 16
     summary = json.loads((tmp_path / "env" / "summary.json").read_text())
     assert summary["stop_reason"] == "max_epochs" and summary["epochs"] == 1
-    vae, _ = R.load_run(tmp_path / "env")
+    vae, _ = CK.load_run(tmp_path / "env")
     assert vae.latent_dim == 4
 
     assert _train_cli(tmp_path / "flag", "--latent-dim", "6") == 0

@@ -11,8 +11,8 @@ import torch
 from conftest import train_small
 
 import resvae
+import resvae.checkpoints as CK
 import resvae.generate as G
-import resvae.runs as R
 from resvae.cli import main
 from resvae.config import resolve, to_dict
 
@@ -48,7 +48,7 @@ def test_hub_export_round_trip_is_bit_exact(run, tmp_path, monkeypatch, capsys):
     assert meta == {"format": "resvae", "resvae_version": resvae.__version__,
                     "image_shape": [3, 32, 32], "config": to_dict(cfg)}
 
-    original, _ = R.load_run(run_dir)  # checkpoints/best.pt (torch.load, weights only)
+    original, _ = CK.load_run(run_dir)  # checkpoints/best.pt (torch.load, weights only)
     _no_pickle(monkeypatch)
     vae = resvae.load_pretrained(out)
     vae2, cfg2 = resvae.load_run(out)
@@ -78,12 +78,12 @@ def test_hub_export_errors(run, tmp_path, capsys):
     assert "holds a run" in capsys.readouterr().err
     out = tmp_path / "hub"
     assert main(["export", str(run_dir), "-o", str(out), "--which", "last"]) == 0
-    last = R.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    last = CK.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
     exported = resvae.load_pretrained(out).state_dict()
     assert exported.keys() == last.keys()
     assert all(torch.equal(exported[k], v) for k, v in last.items())
     with pytest.raises(ValueError, match="one set of weights"):
-        R.load_run(out, which="last")
+        CK.load_run(out, which="last")
 
 
 def test_onnx_decoder_matches_pytorch(run, tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_onnx_decoder_matches_pytorch(run, tmp_path, capsys):
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic: any batch size
 
-    vae, _ = R.load_run(run_dir)
+    vae, _ = CK.load_run(run_dir)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
     for b in (1, 5, 17):

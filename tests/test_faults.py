@@ -27,6 +27,7 @@ from conftest import train_small
 from PIL import Image
 
 import resvae
+import resvae.checkpoints as CK
 import resvae.runs as R
 import resvae.train as T
 from resvae.cli import main
@@ -60,8 +61,8 @@ def assert_same_run(a, b):
         assert {k: v for k, v in x.items() if k not in TIMING} == \
             {k: v for k, v in y.items() if k not in TIMING}, x["epoch"]
     for which in ("last", "best"):
-        ca = R.load_checkpoint(Path(a) / "checkpoints" / f"{which}.pt")
-        cb = R.load_checkpoint(Path(b) / "checkpoints" / f"{which}.pt")
+        ca = CK.load_checkpoint(Path(a) / "checkpoints" / f"{which}.pt")
+        cb = CK.load_checkpoint(Path(b) / "checkpoints" / f"{which}.pt")
         assert (ca["epoch"], ca["step"]) == (cb["epoch"], cb["step"]), which
         assert cb["progress"] is None
         assert ("ema" in ca) == ("ema" in cb)
@@ -128,7 +129,7 @@ def test_sigterm_inside_an_epoch_checkpoints_there_and_resume_is_exact(tmp_path,
     # stopped after update 11 (3 into epoch 2): no test, a checkpoint of exactly that place
     assert s["stop_reason"] == "SIGTERM" and s["test_loss"] is None
     assert (s["epochs"], s["steps"], s["inside_epoch_batches"]) == (1, 11, 3)
-    ckpt = R.load_checkpoint(b / "checkpoints" / "last.pt")
+    ckpt = CK.load_checkpoint(b / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["progress"]["batch"]) == (1, 11, 3)
     assert read_json(b / "summary.json")["steps"] == ckpt["step"]  # nothing uncheckpointed
     assert [r["epoch"] for r in records(b)] == [1]  # the cut epoch has no record
@@ -151,7 +152,7 @@ def test_sigint_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, mo
     s = train_small(cfg_for(max_epochs=3), tmp_path / "run")
     assert s["stop_reason"] == "SIGINT"
     assert (s["epochs"], s["steps"], s["inside_epoch_batches"]) == (1, 8, 0)
-    ckpt = R.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    ckpt = CK.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["progress"]) == (1, None)
     assert len(calls) == 1  # no test evaluation after a signal
 
@@ -167,11 +168,11 @@ def test_a_second_signal_while_saving_changes_nothing(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(R.torch, "save", save_with_a_signal)
+    monkeypatch.setattr(CK.torch, "save", save_with_a_signal)
     s = train_small(cfg_for(log_every=1), tmp_path / "run", callbacks=[SignalAt(5)])
     assert hits == [5]
     assert s["stop_reason"] == "SIGTERM"  # the first signal decides
-    ckpt = R.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    ckpt = CK.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 5 and ckpt["progress"]["batch"] == 5
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["last.pt"]
 
@@ -197,7 +198,7 @@ def test_budget_cut_then_resume_equals_uninterrupted(tmp_path):
     train_small(cfg_for(**big), a)
     cut = train_small(cfg_for(**big, budget="0.5s"), b)
     assert cut["stop_reason"] == "budget" and cut["inside_epoch_batches"] > 0
-    cut_ckpt = R.load_checkpoint(b / "checkpoints" / "last.pt")
+    cut_ckpt = CK.load_checkpoint(b / "checkpoints" / "last.pt")
     assert cut_ckpt["progress"]["batch"] == cut["inside_epoch_batches"]
     assert records(b)[-1]["partial"] is True
     s = train_small(cfg_for(**big), b, resume=True)  # (a budget flag on resume: a fresh one)
@@ -219,7 +220,7 @@ def test_a_budget_cut_better_than_every_ended_epoch_gives_the_tested_weights(tmp
     assert recs[-1]["val_loss"] < min(r["val_loss"] for r in recs[:2])  # (the premise)
     assert (s["stop_reason"], s["best_epoch"], s["best_val_loss"]) == (
         "budget", 3, recs[-1]["val_loss"])
-    best = R.load_checkpoint(run / "checkpoints" / "best.pt")
+    best = CK.load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["progress"]["batch"] == 2 and best["best_epoch"] == 2
     assert s["test_loss"] == pytest.approx(recs[-1]["val_loss"], rel=0.05)
 
@@ -273,7 +274,7 @@ def test_a_checkpoint_inside_an_epoch_after_skips_is_not_written(tmp_path, monke
     s = train_small(cfg_for(checkpoint_every="3steps", max_skips=1, max_epochs=5),
                     tmp_path / "run")
     assert s["stop_reason"] == "non_finite" and s["steps"] == 7
-    ckpt = R.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    ckpt = CK.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 3 and ckpt["finite"] is True and ckpt["progress"]["batch"] == 3
     err = capsys.readouterr().err
     assert "step 6 (inside epoch 1) is not finite" in err and "keeps epoch 0, step 3" in err
@@ -297,15 +298,15 @@ def test_resume_from_best_and_from_a_kept_checkpoint(tmp_path, monkeypatch, caps
     _val_losses(monkeypatch, [10.0, 5.0, 7.0, 0.0])  # 3 epochs + test: epoch 2 is the best
     assert main(["train", "--preset", "tiny", "--out", str(run), "--max-epochs", "3",
                  *common]) == 0
-    first = R.load_checkpoint(run / "checkpoints" / "last.pt")
-    assert R.load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 2
+    first = CK.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert CK.load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 2
     shutil.copy(run / "checkpoints" / "best.pt", tmp_path / "aside.pt")
 
     _val_losses(monkeypatch, [7.0, 0.0])  # epoch 3 again, then the test
     assert main(["train", "--resume", str(run), "--resume-from", "best"]) == 0
     assert "resuming after epoch 2" in capsys.readouterr().out
     assert [r["epoch"] for r in records(run)] == [1, 2, 3]
-    again = R.load_checkpoint(run / "checkpoints" / "last.pt")
+    again = CK.load_checkpoint(run / "checkpoints" / "last.pt")
     assert again["epoch"] == 3  # epoch 3 retrained from epoch 2's state: the same weights
     for k, v in first["model"].items():
         assert torch.equal(again["model"][k], v), k
@@ -497,7 +498,7 @@ def test_signal_to_a_running_train_command(tmp_path, signum, status):
     assert proc.returncode == status, err[-3000:]
     assert "already stopping: ignored until the checkpoint is written" in err
     summary = read_json(run / "summary.json")
-    ckpt = R.load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = CK.load_checkpoint(run / "checkpoints" / "last.pt")
     assert summary["stop_reason"] == signum.name
     assert (summary["epochs"], summary["steps"]) == (ckpt["epoch"], ckpt["step"])
     assert sorted(os.listdir(run / "checkpoints")) == ["best.pt", "last.pt"]  # no temp file
@@ -556,7 +557,7 @@ def test_one_ddp_rank_killed_the_other_exits_and_the_run_resumes(tmp_path):
     # the survivor says what happened and how to go on
     assert "resvae: rank 0: the run failed under torchrun" in err, err[-3000:]
     assert f"train --resume {run}" in err
-    ckpt = R.load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = CK.load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] >= 4
     # the run resumes from its last checkpoint, with as many processes
     done = ckpt["epoch"] + 1

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import train_small
 
+import resvae.checkpoints as CK
 import resvae.generate as G
 import resvae.runs as R
 from resvae.cli import main
@@ -143,15 +144,15 @@ def test_empty_best_pt_does_not_block_resume(run, capsys):
     assert rc == 0, err
     assert f"warning: {best}: empty file" in err and "rewritten from the resumed checkpoint" in err
     assert _epochs(run) == [1, 2]
-    assert R.load_checkpoint(best)["epoch"] in (1, 2)  # repaired, or replaced by a better epoch
+    assert CK.load_checkpoint(best)["epoch"] in (1, 2)  # repaired, or replaced by a better epoch
 
 
 def test_broken_best_pt_of_an_earlier_epoch_is_said_lost(run, capsys):
     (run / "checkpoints" / "best.pt").write_bytes(b"\x00" * 10)
-    last = R.load_checkpoint(run / "checkpoints" / "last.pt")
+    last = CK.load_checkpoint(run / "checkpoints" / "last.pt")
     last.update(epoch=3, best_epoch=2)  # as if epoch 3 were not the best one
     said = []
-    assert R.load_best_weights(R.RunDir(run), last, lambda t, err=False: said.append(t)) is None
+    assert CK.load_best_weights(R.RunDir(run), last, lambda t, err=False: said.append(t)) is None
     assert "best.pt: truncated or corrupt" in said[0] and "(epoch 2) are lost" in said[0]
 
 
@@ -301,14 +302,14 @@ def test_disk_full_at_checkpoint_then_resumable(run, monkeypatch, capsys):
         f.write(buf.getvalue()[:buf.tell() // 2])
         raise _enospc()
 
-    monkeypatch.setattr(R.torch, "save", half_then_full)
+    monkeypatch.setattr(CK.torch, "save", half_then_full)
     rc, err, errors = _cli(["train", "--resume", str(run), "--max-epochs", "2"], capsys)
     assert rc == EXIT_DISK_FULL and len(errors) == 1, err
     last = run / "checkpoints" / "last.pt"
     assert f"{last}: the disk is full (No space left on device;" in errors[0]
     assert "the previous version of it is intact" in errors[0]
     assert errors[0].endswith(f"free space, then continue with resvae train --resume {run}")
-    assert R.load_checkpoint(last)["epoch"] == 1
+    assert CK.load_checkpoint(last)["epoch"] == 1
     assert sorted(p.name for p in last.parent.iterdir()) == [  # no temp file left
         "best.pt", "best.safetensors", "last.pt"]
     monkeypatch.undo()  # space freed
@@ -332,7 +333,7 @@ def test_disk_full_in_metrics_then_resumable(run, monkeypatch, capsys):
     assert rc == EXIT_DISK_FULL
     assert f"{run / 'metrics.jsonl'}: the disk is full" in errors[0]
     assert "a torn last line is dropped on --resume" in errors[0]
-    assert R.load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert CK.load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
     monkeypatch.undo()
     rc, err, _ = _cli(["train", "--resume", str(run), "--max-epochs", "2"], capsys)
     assert rc == 0 and "dropped a torn last line" in err

@@ -18,8 +18,8 @@ import torch
 from conftest import small_load, train_small
 from PIL import Image
 
+import resvae.checkpoints as CK
 import resvae.generate as G
-import resvae.runs as R
 import resvae.train as T
 from resvae import distributed as D
 from resvae.cli import main
@@ -126,7 +126,7 @@ def test_plateau_end_to_end_lr_column(tmp_path, monkeypatch):
     # the lr column is the lr each epoch trained with: bad epochs 2,3 -> halved from epoch 4 on;
     # bad epochs 4,5 -> 2.5e-4, floored at min_lr 4e-4, from epoch 6 on
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 4e-4, 4e-4, 4e-4])
-    last = R.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    last = CK.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(4e-4)
     assert len(calls) == 9  # 8 val evaluations + the test split
 
@@ -276,7 +276,7 @@ def test_device_guard_trains_and_stops_a_nan_storm_at_its_next_read(tmp_path, mo
     s = train_small(cfg_for(max_epochs=2, batch_size=16, guard="device", ema=0.9, log_every=3),
                     tmp_path / "ok")
     assert s["skipped_updates"] == 0 and s["steps"] == 8 and math.isfinite(s["test_loss"])
-    assert R.load_checkpoint(tmp_path / "ok" / "checkpoints" / "last.pt")["ema_updates"] == 8
+    assert CK.load_checkpoint(tmp_path / "ok" / "checkpoints" / "last.pt")["ema_updates"] == 8
     _nan_batches(monkeypatch)
     # at each epoch's end the skips are read: as under "host" (test below), the 4th stops
     s = train_small(cfg_for(max_skips=3, max_epochs=10, sample_every=0, guard="device"),
@@ -373,8 +373,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     _same_records(ra, rb)
     assert sb["best_epoch"] == sa["best_epoch"]
     assert sb["test_loss"] == pytest.approx(sa["test_loss"], rel=1e-6)
-    wa = R.load_checkpoint(a / "checkpoints" / "last.pt")
-    wb = R.load_checkpoint(b / "checkpoints" / "last.pt")
+    wa = CK.load_checkpoint(a / "checkpoints" / "last.pt")
+    wb = CK.load_checkpoint(b / "checkpoints" / "last.pt")
     for k, v in wa["model"].items():
         torch.testing.assert_close(wb["model"][k], v, rtol=1e-6, atol=1e-6, msg=k)
     assert read_json(b / "config.json")["train"]["max_epochs"] == 3
@@ -436,7 +436,7 @@ def test_cli_records_its_own_argv(tmp_path):
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     p = tmp_path / "ckpts" / "last.pt"
     state1 = {"model": {"w": torch.arange(4.0)}, "epoch": 1}
-    R.save_checkpoint(state1, p)
+    CK.save_checkpoint(state1, p)
     real_save = torch.save
 
     def half_then_fail(obj, f, *a, **k):
@@ -446,21 +446,21 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         f.write(data[:len(data) // 2])  # save_checkpoint hands torch.save a file object
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(R.torch, "save", half_then_fail)
+    monkeypatch.setattr(CK.torch, "save", half_then_fail)
     state2 = {"model": {"w": torch.ones(1000)}, "epoch": 2}
     with pytest.raises(OSError, match="No space"):
-        R.save_checkpoint(state2, p)
+        CK.save_checkpoint(state2, p)
     monkeypatch.undo()
-    got = R.load_checkpoint(p)
+    got = CK.load_checkpoint(p)
     assert got["epoch"] == 1 and torch.equal(got["model"]["w"], state1["model"]["w"])
     assert os.listdir(p.parent) == ["last.pt"]  # no temp file left behind
 
 
 def test_load_checkpoint_strips_wrapper_prefixes(tmp_path):
     p = tmp_path / "c.pt"
-    R.save_checkpoint({"model": {"module.a": torch.ones(1), "_orig_mod.b": torch.zeros(1),
+    CK.save_checkpoint({"model": {"module.a": torch.ones(1), "_orig_mod.b": torch.zeros(1),
                                  "_orig_mod.module.c": torch.zeros(2), "d": torch.ones(2)}}, p)
-    assert set(R.load_checkpoint(p)["model"]) == {"a", "b", "c", "d"}
+    assert set(CK.load_checkpoint(p)["model"]) == {"a", "b", "c", "d"}
 
 
 def test_torch_compile_wrapper_keys_load_into_a_plain_vae(tmp_path):
@@ -472,10 +472,10 @@ def test_torch_compile_wrapper_keys_load_into_a_plain_vae(tmp_path):
     compiled = torch.compile(vae)
     keys = list(compiled.state_dict())
     assert keys and all(k.startswith("_orig_mod.") for k in keys)
-    R.save_checkpoint({"model": compiled.state_dict()}, tmp_path / "c.pt")
+    CK.save_checkpoint({"model": compiled.state_dict()}, tmp_path / "c.pt")
     torch.manual_seed(1)
     plain = T.build_from_config(cfg, (3, 32, 32))
-    plain.load_state_dict(R.load_checkpoint(tmp_path / "c.pt")["model"])  # strict
+    plain.load_state_dict(CK.load_checkpoint(tmp_path / "c.pt")["model"])  # strict
     for k, v in vae.state_dict().items():
         assert torch.equal(plain.state_dict()[k], v), k
 
@@ -498,7 +498,7 @@ def test_compiled_run_loads_into_an_uncompiled_model(tmp_path):
     assert counters["stats"]["unique_graphs"] >= 2  # the forward in train and in eval mode
     assert s["stop_reason"] == "max_epochs" and s["skipped_updates"] == 0
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
-    vae, cfg2 = R.load_run(run)  # a plain module, strict load_state_dict
+    vae, cfg2 = CK.load_run(run)  # a plain module, strict load_state_dict
     assert cfg2.train.compile and vae._compiled_call_impl is None
     for k, v in vae.state_dict().items():
         assert torch.equal(v, best[k]), k
@@ -549,7 +549,7 @@ def test_run_directory_contents(tmp_path):
     assert summary["best_val_loss"] == min(r["val_loss"] for r in recs)
     assert summary["final_train_loss"] == recs[-1]["train_loss"]
     assert math.isfinite(summary["test_bpd"]) and summary["world_size"] == 1
-    vae, cfg2 = R.load_run(run)
+    vae, cfg2 = CK.load_run(run)
     assert cfg2 == cfg and not vae.training
     for k, v in vae.state_dict().items():
         assert torch.equal(v, best["model"][k]), k
@@ -580,7 +580,7 @@ def test_budget_stops_the_run(tmp_path):
     recs = read_metrics(tmp_path / "run")
     assert len(recs) == 1 and recs[0]["partial"] is True and math.isfinite(recs[0]["val_loss"])
     assert s["best_val_loss"] == recs[0]["val_loss"]  # stands in while no epoch has ended
-    last = R.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    last = CK.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["epoch"] == 0 and last["step"] == s["steps"]
     assert last["progress"]["batch"] == s["steps"]
     assert (tmp_path / "run" / "summary.json").exists()
@@ -627,7 +627,7 @@ def test_resume_applies_a_changed_lr(tmp_path, capsys):
     assert main(["train", "--resume", run, "--max-epochs", "2", "--lr", "0.0005"]) == 0
     assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
     assert [r["lr"] for r in read_metrics(tmp_path / "lr")] == [1e-3, 5e-4]
-    opt = R.load_checkpoint(tmp_path / "lr" / "checkpoints" / "last.pt")["optimizer"]
+    opt = CK.load_checkpoint(tmp_path / "lr" / "checkpoints" / "last.pt")["optimizer"]
     assert all(g["lr"] == 5e-4 for g in opt["param_groups"])
 
 
@@ -680,17 +680,17 @@ def test_cosine_with_a_plateau_schedule_is_refused():
 def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     sa = train_small(cfg_for(max_epochs=2, batch_size=16, ema=0.9), a)
-    ck = R.load_checkpoint(a / "checkpoints" / "last.pt")
+    ck = CK.load_checkpoint(a / "checkpoints" / "last.pt")
     assert ck["ema_updates"] == sa["steps"] - sa["skipped_updates"]
     # the average differs from the raw weights, and it is what load_run and the test ELBO use
     k = next(k for k, v in ck["model"].items() if v.is_floating_point())
     assert not torch.equal(ck["ema"][k], ck["model"][k])
-    vae, _ = R.load_run(a, which="last")
+    vae, _ = CK.load_run(a, which="last")
     torch.testing.assert_close(vae.state_dict()[k], ck["ema"][k])
     # resume: the average continues where it stopped
     train_small(cfg_for(max_epochs=1, batch_size=16, ema=0.9), b)
     sb = train_small(cfg_for(max_epochs=2, batch_size=16, ema=0.9), b, resume=True)
-    cb = R.load_checkpoint(b / "checkpoints" / "last.pt")
+    cb = CK.load_checkpoint(b / "checkpoints" / "last.pt")
     assert cb["ema_updates"] == ck["ema_updates"]
     for name, v in ck["ema"].items():
         torch.testing.assert_close(cb["ema"][name], v, rtol=1e-6, atol=1e-6, msg=name)

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"  # before the imports: train.py records it in every summary
 
-from .runs import load_pretrained, load_run  # noqa: E402
+from .checkpoints import load_pretrained, load_run  # noqa: E402
 from .vae import VAE, build_vae  # noqa: E402
 
 __all__ = ["VAE", "build_vae", "load_run", "load_pretrained"]

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from .checkpoints import load_run
 from .data import Splits, to_input
 from .likelihoods import bits_per_dim
-from .runs import RunDir, load_run, write_json
+from .runs import RunDir, write_json
 from .vae import VAE, eval_mode
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .checkpoints import load_run, save_pretrained
 from .config import RunConfig, to_dict
 from .files import atomic_write
-from .runs import load_run, save_pretrained
 from .vae import VAE, eval_mode
 
 FORMATS = ("hub", "onnx")

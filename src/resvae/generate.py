@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoints import load_run
 from .data import to_input
 from .files import atomic_write
-from .runs import RunDir, load_run
+from .runs import RunDir
 from .vae import VAE, eval_mode
 
 

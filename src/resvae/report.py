@@ -66,12 +66,13 @@ def find_runs(sweep_dir: str | Path) -> tuple[list[Path], list[dict | None]]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ValueError(f"sweep directory {sweep_dir} does not exist")
-    sweep = _read_optional(sweep_dir / "sweep.json")
+    layout = runs.SweepDir(sweep_dir)
+    sweep = _read_optional(layout.status)
     if sweep:
         entries = sweep.get("runs", [])
-        dirs = [sweep_dir / e.get("dir", e["name"]) for e in entries]
+        dirs = [layout.run(e.get("dir", e["name"])).root for e in entries]
     else:
-        dirs = sorted(p for p in sweep_dir.iterdir() if (p / "config.json").is_file())
+        dirs = sorted(p for p in sweep_dir.iterdir() if runs.RunDir(p).config.is_file())
         entries = [None] * len(dirs)
     if not dirs:
         raise ValueError(f"{sweep_dir} holds no runs (no runs in sweep.json, or no sweep.json and "
@@ -170,8 +171,8 @@ def format_study_table() -> str:
 
 def write_results(sweep_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
     """results.csv (every value, full precision) and results.md (formatted), written atomically."""
-    sweep_dir = Path(sweep_dir)
-    paths = {"csv": sweep_dir / "results.csv", "md": sweep_dir / "results.md"}
+    sweep = runs.SweepDir(sweep_dir)
+    paths = {"csv": sweep.results_csv, "md": sweep.results_md}
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -179,7 +180,7 @@ def write_results(sweep_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
             w.writeheader()
             w.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in rows)
 
-    md = (f"# Results: {sweep_dir.name}\n\n{format_table(rows)}\n{COLUMN_NOTE}\n\n"
+    md = (f"# Results: {sweep.root.name}\n\n{format_table(rows)}\n{COLUMN_NOTE}\n\n"
           f"## The 2018 study\n\n{STUDY_NOTE}\n\n{format_study_table()}")
     atomic_write(paths["csv"], write_csv)
     atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
@@ -330,7 +331,7 @@ def make_figures(rows: list[dict], run_dirs, out_dir: str | Path) -> dict[str, P
     {name: path}."""
     paths = {}
     for name, fig in _figures(rows, run_dirs).items():
-        paths[name] = Path(out_dir) / f"{name}.png"
+        paths[name] = runs.SweepDir(out_dir).figure(name)
         atomic_write(paths[name], lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
     return paths
 

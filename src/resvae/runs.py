@@ -1,4 +1,4 @@
-"""A run directory, and the one place that knows its layout.
+"""Run and sweep directories, and the one place that knows their layout.
 
     RUN_DIR/config.json          the resolved RunConfig
     RUN_DIR/argv.json            the command that started it
@@ -7,18 +7,20 @@
     RUN_DIR/metrics.jsonl        one record per epoch
     RUN_DIR/summary.json         how the last invocation ended, what it measured, what ran it
     RUN_DIR/eval.json            `resvae eval` (and the sweep): ELBO and IWAE with standard errors
-    RUN_DIR/checkpoints/{last,best}.pt, best.safetensors
+    RUN_DIR/checkpoints/{last,best}.pt, best.safetensors   (written and read by checkpoints.py)
     RUN_DIR/samples/epoch_NNNN.png, RUN_DIR/recon/epoch_NNNN.png
     RUN_DIR/tensorboard/         TensorBoard event files (--tensorboard)
+    RUN_DIR/error.txt            a sweep's failed run: the traceback
     RUN_DIR/.lock                held (flock) by the process training into it, while it runs
 
-and an exported folder (`resvae export --format hub`), the weights alone with their config:
+    SWEEP_DIR/<name>/            one run directory per grid point
+    SWEEP_DIR/sweep.json         the grid and every run's status
+    SWEEP_DIR/results.csv, results.md, <figure>.png    the report
+    SWEEP_DIR/<name>.log, .<name>.config.json          a run trained on its own GPU: its output
+                                                       and the config it was started with
 
-    DIR/config.json              {"format", "resvae_version", "image_shape", "config"}
-    DIR/model.safetensors        the state dict (its metadata repeats config and image shape)
-
-Every other module asks this one for paths, reads and writes (nanoGPT's single checkpoint dict,
-one loader shared by training, evaluation and sampling).
+Every other module asks this one for paths and JSON records; checkpoints.py saves and loads
+what is in checkpoints/.
 """
 
 from __future__ import annotations
@@ -27,17 +29,11 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
-from . import __version__
 from .config import ConfigError, RunConfig, from_dict, resolve, to_dict
 from .files import DiskFullError, atomic_write, disk_full_is_named
 
@@ -45,10 +41,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; run directories are not locked there
     fcntl = None
-from .vae import VAE, build_from_config
 
 CHECKPOINTS = ("last", "best")
-EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
 
 
 class RunDir:
@@ -67,6 +61,7 @@ class RunDir:
     recon = property(lambda self: self.root / "recon")
     safetensors = property(lambda self: self.root / "checkpoints" / "best.safetensors")
     tensorboard = property(lambda self: self.root / "tensorboard")
+    error = property(lambda self: self.root / "error.txt")
 
     def checkpoint(self, which: str = "last") -> Path:
         if which not in CHECKPOINTS:
@@ -82,6 +77,35 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
+
+
+class SweepDir:
+    """Paths inside one sweep directory: a run directory per grid point, and what the sweep and
+    its report write beside them."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    status = property(lambda self: self.root / "sweep.json")
+    results_csv = property(lambda self: self.root / "results.csv")
+    results_md = property(lambda self: self.root / "results.md")
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.root / name)
+
+    def figure(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+    def log(self, name: str) -> Path:
+        """The output of a run trained in a child process (one per GPU)."""
+        return self.root / f"{name}.log"
+
+    def planned_config(self, name: str) -> Path:
+        """The config a child process trains the run with (`resvae train --config`)."""
+        return self.root / f".{name}.config.json"
+
+    def __repr__(self) -> str:
+        return f"SweepDir({str(self.root)!r})"
 
 
 # --- JSON records -------------------------------------------------------------------------------
@@ -108,14 +132,14 @@ def read_config(run_dir) -> RunConfig:
     return from_dict(read_json(path), source=str(path))
 
 
-def _read_records(path: Path) -> tuple[list[dict], str | None]:
-    """metrics.jsonl's records, and the unterminated last line when it is not a whole record: a
-    write in progress, or one a crash (or a full disk) cut off. A bad line anywhere else is an
-    error naming the file and line."""
+def _read_jsonl(path: Path, torn_ok: bool = False) -> tuple[list[dict], str | None]:
+    """A JSONL file's records, and (with `torn_ok`) its unterminated last line when it is not a
+    whole record: a write in progress, or one a crash (or a full disk) cut off. A bad line
+    anywhere else is an error naming the file and line."""
     text = path.read_text()
     lines = text.splitlines()
     torn = None
-    if lines and not text.endswith("\n"):
+    if torn_ok and lines and not text.endswith("\n"):
         try:
             json.loads(lines[-1])
         except json.JSONDecodeError:
@@ -132,9 +156,9 @@ def _read_records(path: Path) -> tuple[list[dict], str | None]:
 
 def read_metrics(run_dir) -> list[dict]:
     """The per-epoch records, oldest first; [] before the first epoch ends. A torn last line (see
-    `_read_records`) is not a record and is left out."""
+    `_read_jsonl`) is not a record and is left out."""
     path = RunDir(run_dir).metrics
-    return _read_records(path)[0] if path.exists() else []
+    return _read_jsonl(path, torn_ok=True)[0] if path.exists() else []
 
 
 def append_metrics(run_dir, record: dict) -> None:
@@ -150,7 +174,7 @@ def keep_metrics(run_dir, epochs_done: int) -> None:
     torn last line, saying so."""
     path = RunDir(run_dir).metrics
     if path.exists():
-        records, torn = _read_records(path)
+        records, torn = _read_jsonl(path, torn_ok=True)
         if torn is not None:
             warnings.warn(f"{path}: dropped a torn last line (a write cut off by a crash or a "
                           f"full disk): {torn[:60]!r}", stacklevel=2)
@@ -161,16 +185,7 @@ def keep_metrics(run_dir, epochs_done: int) -> None:
 def read_history(run_dir) -> list[dict]:
     """One record per invocation of `resvae train` on this run, oldest first."""
     path = RunDir(run_dir).history
-    if not path.exists():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
-    return out
+    return _read_jsonl(path)[0] if path.exists() else []
 
 
 def start_history(run_dir, record: dict) -> int:
@@ -208,16 +223,7 @@ def is_finished(run_dir) -> bool:
                                                   "non_finite")
 
 
-# --- checkpoints ------------------------------------------------------------------------------
-def save_checkpoint(state: Mapping, path: Path) -> None:
-    def write(tmp: Path) -> None:
-        # a Python file object, not a path: torch's own writer reports a full disk as
-        # "enforce fail at inline_container.cc", a file object as the OSError it is
-        with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
-    atomic_write(Path(path), write)
-
-
+# --- temp files -------------------------------------------------------------------------------
 def remove_stale_temps(directory: Path) -> list[Path]:
     """Delete the temp files of writes whose process is gone (killed while saving: the file it
     replaced is intact, the half-written temp is litter, as large as a checkpoint)."""
@@ -240,167 +246,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """The one checkpoint loader: weights_only=True (no arbitrary pickles); strips torch.compile's
-    `_orig_mod.` and DDP's `module.` prefixes. A broken file is a ValueError naming it (and, for
-    a broken last.pt beside a good best.pt, how to resume from that)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint: its write was cut off "
-                         f"before it began{_other_checkpoint(path)}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch.load raises almost anything on a damaged or foreign file
-        text = str(e).strip()
-        # weights-only refusals carry the unpickler's reason after this tag, not in line one
-        reason = (text.partition("WeightsUnpickler error: ")[2] or text).strip()
-        first = (reason.splitlines() or [type(e).__name__])[0]
-        if "Weights only load failed" in text and "global" in reason.lower():
-            # a pickle asking for a function or class; torch's advice (weights_only=False) would
-            # run it, so it is not passed on
-            raise ValueError(f"{path}: refused: it holds Python objects other than tensors and "
-                             "plain containers, which could run code when loaded; resvae loads "
-                             "checkpoints with weights_only=True and nothing in it was run (a "
-                             f"crafted file, or not a resvae checkpoint){_other_checkpoint(path)}"
-                             ) from None
-        unrun = "; nothing in it was run" if "Weights only load failed" in text else ""
-        raise ValueError(f"{path}: truncated or corrupt, not a loadable checkpoint ({first[:160]})"
-                         f"{unrun}{_other_checkpoint(path)}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{path}: not a resvae checkpoint (no 'model' state dict in it)"
-                         f"{_other_checkpoint(path)}")
-    state["model"] = {_strip_wrappers(k): v for k, v in state["model"].items()}
-    return state
-
-
-def eval_weights(ckpt: Mapping) -> dict:
-    """The weights a checkpoint's run evaluated and saved: the --ema average when it kept one."""
-    return ckpt.get("ema", ckpt["model"])
-
-
-def _other_checkpoint(path: Path) -> str:
-    """For a broken last.pt: the readable best.pt beside it, and how to resume from it."""
-    best = path.with_name("best.pt")
-    if path.name != "last.pt" or not best.is_file():
-        return ""
-    try:
-        epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
-    except Exception:
-        return f"; {best.name} beside it is broken too"
-    return (f"; {best} (epoch {epoch}) is readable: to resume from it, run --resume "
-            f"{path.parent.parent} --resume-from best; the epochs after {epoch} are lost")
-
-
-def _strip_wrappers(key: str) -> str:
-    # DDP and torch.compile can wrap each other in either order.
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def save_weights(vae: VAE, cfg: RunConfig, path: Path) -> None:
-    """Weights alone as safetensors, with the config and image shape in the metadata: safe to
-    share, and enough to rebuild the model with no pickle involved."""
-    tensors = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
-    meta = {"config": json.dumps(to_dict(cfg)), "image_shape": json.dumps(list(vae.image_shape)),
-            "format": "resvae"}
-    atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
-
-
-def _load_safetensors(path: Path, device) -> tuple[VAE, RunConfig]:
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if "config" not in meta or "image_shape" not in meta:
-        raise ValueError(f"{path}: no resvae config/image_shape in its metadata (not written by "
-                         "resvae)")
-    cfg = from_dict(json.loads(meta["config"]), source=f"{path} metadata")
-    vae = build_from_config(cfg, tuple(json.loads(meta["image_shape"]))).to(device)
-    vae.load_state_dict(state)
-    return vae.eval(), cfg
-
-
-# --- exported folders -----------------------------------------------------------------------
-def is_exported(path: str | os.PathLike) -> bool:
-    """A folder written by `save_pretrained`: config.json and model.safetensors, no checkpoints/."""
-    p = Path(path)
-    return ((p / EXPORTED_WEIGHTS).is_file() and (p / EXPORTED_CONFIG).is_file()
-            and not (p / "checkpoints").exists())
-
-
-def save_pretrained(vae: VAE, cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
-    """Write the folder `load_pretrained` reads: config.json (the run's config, the image shape,
-    the resvae version) and model.safetensors. JSON and safetensors only: no pickle to trust."""
-    out = Path(out_dir)
-    if (out / "checkpoints").exists():
-        raise ValueError(f"{out}: holds a run (checkpoints/); export into another folder")
-    save_weights(vae, cfg, out / EXPORTED_WEIGHTS)
-    write_json(out / EXPORTED_CONFIG, {"format": "resvae", "resvae_version": __version__,
-                                       "image_shape": list(vae.image_shape),
-                                       "config": to_dict(cfg)})
-    return out
-
-
-def _load_exported(path: Path, device) -> tuple[VAE, RunConfig]:
-    meta = read_json(path / EXPORTED_CONFIG)
-    if not isinstance(meta, dict) or meta.get("format") != "resvae" or "config" not in meta:
-        raise ValueError(f"{path / EXPORTED_CONFIG}: not an exported resvae config (no "
-                         "\"format\": \"resvae\" and \"config\")")
-    cfg = from_dict(meta["config"], source=str(path / EXPORTED_CONFIG))
-    try:
-        state = load_file(str(path / EXPORTED_WEIGHTS), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / EXPORTED_WEIGHTS}: not a readable safetensors file ({e})") \
-            from None
-    vae = build_from_config(cfg, tuple(meta["image_shape"])).to(device)
-    vae.load_state_dict(state)
-    return vae.eval(), cfg
-
-
-def load_pretrained(path: str | os.PathLike, device="cpu") -> VAE:
-    """The VAE (eval mode) of a folder written by `resvae export --format hub`
-    (`load_run(path)` gives it with its config)."""
-    path = Path(path)
-    if not is_exported(path):
-        raise FileNotFoundError(f"{path}: not an exported folder (config.json and "
-                                "model.safetensors; `resvae export RUN_DIR -o DIR` writes one; "
-                                "load_run reads run directories)")
-    return _load_exported(path, device)[0]
-
-
-def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> tuple[VAE, RunConfig]:
-    """Rebuild a trained VAE in eval mode: from RUN_DIR/checkpoints/<which>.pt, from a
-    `.safetensors` file (RUN_DIR/checkpoints/best.safetensors alone is enough), or from an
-    exported folder (`resvae export --format hub`)."""
-    path = Path(run_dir)
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path, device)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a run directory, an exported folder or a "
-                                ".safetensors file")
-    if is_exported(path):
-        if which != "best":
-            raise ValueError(f"{path}: an exported folder holds one set of weights (those of "
-                             f"the checkpoint it was exported from), not {which!r}")
-        return _load_exported(path, device)
-    run = RunDir(path)
-    ckpt = run.checkpoint(which)
-    if not ckpt.exists() and which == "best" and run.safetensors.exists():
-        return _load_safetensors(run.safetensors, device)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint (has {path} finished an epoch?)")
-    state = load_checkpoint(ckpt, map_location=device)
-    cfg = from_dict(state["config"], source=str(ckpt))
-    vae = build_from_config(cfg, tuple(state["image_shape"])).to(device)
-    vae.load_state_dict(eval_weights(state))
-    return vae.eval(), cfg
-
-
 # --- starting and resuming ----------------------------------------------------------------------
 def resume_checkpoint(run_dir, resume_from: str = "last") -> Path:
     """The checkpoint `--resume RUN_DIR --resume-from WHICH` continues from: `last` (where the
@@ -415,6 +260,29 @@ def resume_checkpoint(run_dir, resume_from: str = "last") -> Path:
     return path
 
 
+_UNSET = object()
+
+
+def config_differences(saved: RunConfig | Mapping, cfg: RunConfig, keys=("model",),
+                       skip=()) -> list[str]:
+    """The one "same model?" check: where `cfg` differs from `saved` (a run's config, or the
+    "config" dict a checkpoint holds), each as "key <saved value> in the run vs <cfg's>"; []
+    when they agree. `keys`: whole sections ("model", "data") or single settings
+    ("train.seed"); `skip`: settings left out ("data.data_dir")."""
+    old = saved if isinstance(saved, Mapping) else to_dict(saved)
+    new = to_dict(cfg)
+    out = []
+    for key in keys:
+        sec, _, name = key.partition(".")
+        a, b = old.get(sec), new[sec]
+        a = a if isinstance(a, Mapping) else {}  # a checkpoint without it differs in every key
+        # both sides' keys: a setting only one of them has is a difference too
+        for k in [name] if name else dict.fromkeys([*a, *b]):
+            if f"{sec}.{k}" not in skip and a.get(k, _UNSET) != b.get(k, _UNSET):
+                out.append(f"{k} {a.get(k)!r} in the run vs {b.get(k)!r}")
+    return out
+
+
 def resume_config(run_dir, environ: Mapping[str, str], overrides: Mapping,
                   resume_from: str = "last") -> RunConfig:
     """The config to continue `run_dir` with: its config.json under env vars and flags, which may
@@ -424,63 +292,19 @@ def resume_config(run_dir, environ: Mapping[str, str], overrides: Mapping,
     resume_checkpoint(run.root, resume_from)
     cfg = resolve(config_file=str(run.config), environ=environ, overrides=overrides)
     saved = resolve(config_file=str(run.config), environ={})
-    if cfg.model != saved.model:
-        diff = ", ".join(f"{k} {v!r} in the run vs {getattr(cfg.model, k)!r}"
-                         for k, v in vars(saved.model).items() if getattr(cfg.model, k) != v)
+    diff = config_differences(saved, cfg, ["model"])
+    if diff:
         raise ConfigError(f"--resume {run.root}: the model settings differ from the run's "
-                          f"config.json ({diff}; from flags or RESVAE_* variables); they must match")
+                          f"config.json ({', '.join(diff)}; from flags or RESVAE_* variables); "
+                          "they must match")
     # data_dir and download may change: the same data can move, or be fetched again
-    fixed = [("data", k) for k in vars(saved.data) if k not in ("data_dir", "download")]
-    diff = [f"{k} {getattr(getattr(saved, sec), k)!r} in the run vs "
-            f"{getattr(getattr(cfg, sec), k)!r}"
-            for sec, k in (*fixed, ("train", "seed"))
-            if getattr(getattr(saved, sec), k) != getattr(getattr(cfg, sec), k)]
+    diff = config_differences(saved, cfg, ["data", "train.seed"],
+                              skip=("data.data_dir", "data.download"))
     if diff:
         raise ConfigError(f"--resume {run.root}: {', '.join(diff)} (from flags or RESVAE_* "
                           "variables); a resumed run keeps the data and seed it started with: "
                           "drop those settings, or start a new run with --out")
     return cfg
-
-
-def load_resume_checkpoint(path: Path, image_shape, map_location="cpu") -> dict:
-    """The checkpoint a run resumes from, checked against the images it will train on (data
-    moved with --data-dir can differ in shape from what the weights were trained on)."""
-    ckpt = load_checkpoint(path, map_location=map_location)
-    if "image_shape" in ckpt and tuple(ckpt["image_shape"]) != tuple(image_shape):
-        raise ValueError(f"--resume {path}: its checkpoint was trained on images of shape "
-                         f"{tuple(ckpt['image_shape'])}, the data found now are "
-                         f"{tuple(image_shape)}; point --data-dir at the run's data")
-    return ckpt
-
-
-def load_best_weights(run: RunDir, resumed: dict, log=None) -> dict | None:
-    """The best weights so far of a run resumed from the checkpoint `resumed`, from
-    checkpoints/best.pt; None before any, and None when best.pt is not the resumed state's own
-    best epoch (a budget-cut epoch's, or one newer than a --resume-from checkpoint). A broken
-    best.pt does not block the resume: when the resumed state's last epoch was its best, it
-    holds the same weights and best.pt is rewritten from it; otherwise the best weights are
-    lost, and the message says so."""
-    log = log or (lambda text, err=True: print(text, file=sys.stderr))
-    path = run.checkpoint("best")
-    if not path.exists():
-        return None
-    try:
-        best = load_checkpoint(path)
-    except ValueError as e:
-        if (resumed.get("best_epoch") and resumed.get("best_epoch") == resumed.get("epoch")
-                and resumed.get("progress") is None):
-            # both were saved from the same state at the end of that epoch
-            save_checkpoint(resumed, path)
-            log(f"resvae: warning: {e}; its epoch {resumed['epoch']} is also the resumed "
-                "checkpoint's, so it was rewritten from the resumed checkpoint", err=True)
-            return {k: v.detach().to("cpu", copy=True) for k, v in eval_weights(resumed).items()}
-        log(f"resvae: warning: {e}; the best weights so far (epoch {resumed.get('best_epoch')}) "
-            "are lost: the next improving epoch writes a new best.pt, and the test figures of "
-            "this run come from the weights it ends with until then", err=True)
-        return None
-    if best.get("progress") is None and best.get("epoch") == resumed.get("best_epoch"):
-        return eval_weights(best)
-    return None
 
 
 # --- one process per run directory ----------------------------------------------------------
@@ -605,11 +429,8 @@ class RunLock:
         self._remove_created()
 
 
-__all__ = ["RunDir", "load_run", "load_pretrained", "save_pretrained", "is_exported",
-           "load_checkpoint", "save_checkpoint", "save_weights",
-           "read_metrics", "read_summary", "read_config", "read_json", "write_json",
-           "append_metrics", "keep_metrics", "is_finished", "resume_config", "check_fresh",
-           "resume_checkpoint", "read_history", "start_history", "end_history",
-           "remove_stale_temps",
-           "load_resume_checkpoint", "load_best_weights", "holds_run", "clear_run", "RunLock",
-           "RunLocked", "DiskFullError"]
+__all__ = ["RunDir", "SweepDir", "read_metrics", "read_summary", "read_config", "read_json",
+           "write_json", "append_metrics", "keep_metrics", "is_finished", "config_differences",
+           "resume_config", "check_fresh", "resume_checkpoint", "read_history", "start_history",
+           "end_history", "remove_stale_temps", "holds_run", "clear_run", "RunLock", "RunLocked",
+           "DiskFullError"]

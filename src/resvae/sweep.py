@@ -34,7 +34,16 @@ from .config import (
     resolve,
     to_dict,
 )
-from .runs import RunDir, RunLock, is_finished, read_config, read_json, write_json
+from .runs import (
+    RunDir,
+    RunLock,
+    SweepDir,
+    config_differences,
+    is_finished,
+    read_config,
+    read_json,
+    write_json,
+)
 
 SWEEP_FILE_KEYS = {"preset", "config", "out", "grid", "set", "budget_per_run", "iwae_k", "iwae_n"}
 
@@ -125,7 +134,7 @@ def _check_fair(runs: list[tuple[str, RunConfig]]) -> None:
 
 
 def _write_status(sweep_dir: Path, spec: SweepSpec, entries: list[dict]) -> None:
-    write_json(sweep_dir / "sweep.json", {
+    write_json(SweepDir(sweep_dir).status, {
         "grid": spec.grid, "preset": spec.preset, "config": spec.config, "set": spec.fixed,
         "budget_per_run": spec.budget_per_run, "iwae_k": spec.iwae_k, "iwae_n": spec.iwae_n,
         "runs": entries})
@@ -138,8 +147,7 @@ def _entry(name: str, cfg: RunConfig, point: Mapping) -> dict:
 
 
 def _same_model(run: RunDir, cfg: RunConfig) -> None:
-    saved = read_config(run.root)
-    if saved.model != cfg.model or saved.data != cfg.data:
+    if config_differences(read_config(run.root), cfg, ["model", "data"]):
         raise ConfigError(f"{run.root}: holds a run of another model or data config than this "
                           "sweep asks for; use another --out or remove it")
 
@@ -153,7 +161,7 @@ def run_one(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec, *, data
     from .stops import SIGNAL_STOPS
     from .train import _load, train  # the loader honours the data config like `resvae train`
 
-    run = RunDir(sweep_dir / name)
+    run = SweepDir(sweep_dir).run(name)
     key = json.dumps([to_dict(cfg)["data"], cfg.train.seed])  # runs share decoded data
     if key not in data_cache:
         data_cache[key] = _load(cfg, D.Runtime(D.resolve_device("cpu")))
@@ -228,8 +236,9 @@ def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, lo
             except Exception as e:  # a failing run is reported, and the sweep goes on
                 entry.update(status="failed", error=f"{type(e).__name__}: {e}")
                 log(f"resvae sweep: {name} failed: {entry['error']}")
-                (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-                (sweep_dir / name / "error.txt").write_text(traceback.format_exc())
+                run = SweepDir(sweep_dir).run(name)
+                run.root.mkdir(parents=True, exist_ok=True)
+                run.error.write_text(traceback.format_exc())
             entry["sweep_seconds"] = time.monotonic() - t0
             _write_status(sweep_dir, spec, entries)
     from .report import report
@@ -237,7 +246,7 @@ def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, lo
     failed = [e["name"] for e in entries if e["status"] != "done"]
     log(f"resvae sweep: done, {len(entries) - len(failed)}/{len(entries)} runs ok"
         + (f"; failed: {', '.join(failed)}" if failed else "")
-        + f"; results in {sweep_dir / 'results.md'}")
+        + f"; results in {SweepDir(sweep_dir).results_md}")
     return entries
 
 
@@ -247,8 +256,7 @@ def _visible_gpus() -> list[str]:
 
 
 def _subprocess_commands(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec) -> list:
-    run = RunDir(sweep_dir / name)
-    planned = sweep_dir / f".{name}.config.json"
+    run, planned = SweepDir(sweep_dir).run(name), SweepDir(sweep_dir).planned_config(name)
     write_json(planned, to_dict(cfg))
     exe = [sys.executable, "-m", "resvae"]
     cmds = []
@@ -282,7 +290,7 @@ def _parallel(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], 
             except Exception as e:
                 entry.update(status="failed", error=f"{type(e).__name__}: {e}")
                 continue
-            logf = open(sweep_dir / f"{name}.log", "a")
+            logf = open(SweepDir(sweep_dir).log(name), "a")
             log(f"resvae sweep: {name} on GPU {gpu}")
             active[gpu] = [entry, cmds, None, logf]
         for gpu, slot in list(active.items()):
@@ -307,7 +315,7 @@ def _parallel(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], 
 
 
 def read_sweep(sweep_dir: str | Path) -> dict:
-    return read_json(Path(sweep_dir) / "sweep.json")
+    return read_json(SweepDir(sweep_dir).status)
 
 
 __all__ = ["SweepSpec", "load_sweep_file", "plan", "sweep", "run_name", "read_sweep"]

@@ -27,6 +27,12 @@ import torch
 from . import __version__
 from . import distributed as D
 from .callbacks import TensorBoard, notify, summary_writer
+from .checkpoints import (
+    load_best_weights,
+    load_resume_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from .config import ConfigError, RunConfig, parse_budget, parse_every, save_json, to_dict
 from .data import Splits, iterate_batches, load_dataset, num_batches, to_input
 from .evaluate import evaluate, recalibrate_batchnorm
@@ -35,15 +41,12 @@ from .runs import (
     RunDir,
     append_metrics,
     clear_run,
+    config_differences,
     end_history,
     keep_metrics,
-    load_best_weights,
-    load_resume_checkpoint,
     read_metrics,
     remove_stale_temps,
     resume_checkpoint,
-    save_checkpoint,
-    save_weights,
     start_history,
     write_json,
 )
@@ -408,7 +411,7 @@ def _check_batches(s: Session) -> None:
 def _check_resumable(ckpt: dict, path: Path, cfg: RunConfig, rt: D.Runtime) -> None:
     """A checkpoint of another model, or one taken inside an epoch by another number of
     processes (its data shards and noise are per rank), cannot continue this run."""
-    if ckpt.get("config", {}).get("model") != to_dict(cfg)["model"]:
+    if config_differences(ckpt.get("config", {}), cfg, ["model"]):
         raise ConfigError(f"--resume-from {path}: a checkpoint of another model than this run's "
                           "config.json")
     p = ckpt.get("progress")
