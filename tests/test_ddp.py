@@ -72,6 +72,9 @@ def _hand_loop(model, vae, batches, tc, rt=None):
 
 
 def _worker(rank, port, out):
+    import faulthandler
+
+    faulthandler.enable()  # a worker that aborts in C++ (SIGABRT) prints its Python stack
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -141,6 +144,9 @@ def _worker(rank, port, out):
         model(mine[0].contiguous(memory_format=torch.channels_last))["loss"].mean().backward()
     (out / f"cl_warnings_rank{rank}.json").write_text(json.dumps([str(w.message)
                                                                   for w in caught]))
+    # Both ranks past their last collective before either tears its gloo pairs down: one CI
+    # run saw a rank abort ("terminate called without an active exception") here or earlier.
+    dist.barrier()
     dist.destroy_process_group()
 
 
