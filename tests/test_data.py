@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -367,3 +368,60 @@ def test_unwritable_cache_warns(tmp_path):
     with pytest.warns(UserWarning, match="not writable"):
         s = load_dataset("folder", str(tmp_path / "f"), cache_dir=str(tmp_path / "file" / "c"))
     assert s.train.images.shape == (5, 3, 8, 8)
+
+
+class _Served:
+    """A local HTTP server (a thread) that serves one file and counts the requests for it."""
+
+    def __init__(self, path):
+        import http.server
+        import threading
+
+        served, self.requests = self, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                served.requests += 1
+                raw = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(raw)))  # drives the progress bar
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *a):  # keep pytest's output clean
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{path.name}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_train_download_over_http_once_then_from_cache_or_data_dir(tmp_path, monkeypatch):
+    # The README's first command on a fresh machine: `resvae train ... --download` fetches the
+    # archive over HTTP once (md5-checked) into the cache; a second run, or one with a local copy
+    # through RESVAE_DATA_DIR, never contacts the server. The checksum is injected here: the
+    # served archive is a small fake in the real format.
+    from resvae.cli import main
+
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    monkeypatch.setattr(data, "CIFAR10_MD5", _write_cifar_archive(archive))
+    server = _Served(archive)
+    monkeypatch.setattr(data, "CIFAR10_URL", server.url)
+    run = ["train", "--preset", "tiny", "--dataset", "cifar10", "--max-epochs", "1",
+           "--sample-every", "0", "--device", "cpu", "--subset", "0"]
+    try:
+        assert main([*run, "--download", "--out", str(tmp_path / "r1")]) == 0
+        assert server.requests == 1
+        assert (tmp_path / "cache" / "cifar-10-python.tar.gz").is_file()
+        assert main([*run, "--download", "--out", str(tmp_path / "r2")]) == 0  # the cache's copy
+        monkeypatch.setenv("RESVAE_DATA_DIR", str(_write_cifar_dir(tmp_path / "local")))
+        assert main([*run, "--download", "--out", str(tmp_path / "r3")]) == 0  # the local copy
+        assert server.requests == 1
+    finally:
+        server.close()
+    cfg = json.loads((tmp_path / "r3" / "config.json").read_text())
+    assert cfg["data"]["download"] is True
