@@ -33,12 +33,37 @@ def test_committed_notebook_is_clean():
     assert [c for c in code if "parameters" in c["metadata"].get("tags", [])]
 
 
-def test_notebook_runs_headless(tmp_path, monkeypatch):
+def _clean_env(tmp_path, monkeypatch):
     monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for var in list(os.environ):  # the caller's RESVAE_* settings must not reach the kernel
         if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
             monkeypatch.delenv(var)
+
+
+def test_notebook_defaults_run(tmp_path, monkeypatch):
+    """The parameters as committed (preset cpu, CIFAR-10, download on), only the budget tiny.
+
+    The kernel finds a small CIFAR-10 in the real python-batches format through RESVAE_DATA_DIR,
+    as a user's machine would find the real one, so the download is never attempted.
+    """
+    from test_data import _write_cifar_dir
+
+    _clean_env(tmp_path, monkeypatch)
+    monkeypatch.setenv("RESVAE_DATA_DIR", str(_write_cifar_dir(tmp_path / "data")))
+    nb = papermill.execute_notebook(
+        str(NOTEBOOK), str(tmp_path / "executed.ipynb"), parameters=dict(budget="5s"),
+        kernel_name="python3", progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+    assert not any(o.get("output_type") == "error" for c in nb["cells"]
+                   for o in c.get("outputs", []))
+    run = tmp_path / "runs" / "notebook-cpu-40"  # the default out: the preset and its depth
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["model"]["arch"], cfg["model"]["depth"], cfg["train"]["budget"]) == ("hier", 40, "5s")
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "budget"
+
+
+def test_notebook_runs_headless(tmp_path, monkeypatch):
+    _clean_env(tmp_path, monkeypatch)
     run, executed = tmp_path / "run", tmp_path / "executed.ipynb"
 
     nb = papermill.execute_notebook(
