@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 from html.parser import HTMLParser
 
@@ -311,3 +312,27 @@ def test_html_renders_in_a_real_browser(built, tmp_path):
     assert rows == len(RUNS) + 1  # and the failed run
     png = R.screenshot(html_path, tmp_path / "shot.png", chromium=_chromium())
     assert Image.open(png).size[0] == 1200
+
+
+def test_curves_stay_readable_when_one_run_blows_up():
+    from resvae.report import plot_curves, robust_top
+
+    assert robust_top([9e3, 9.5e3, 1e4, 1.2e4]) is None  # nothing extreme: autoscale
+    assert robust_top([9e3, 9.5e3, 1e4, 1.05e4, 1e23]) == 1.05e4
+    assert robust_top([9e3, 1e4, math.inf]) == 1e4  # inf is clipped too
+    rows = [{"depth": d, "shortcut": s} for d, s in ((20, "identity"), (20, "none"), (52, "none"))]
+
+    def records(val):
+        return [{"epoch": e + 1, "train_loss": 1e4 - e, "val_loss": v} for e, v in enumerate(val)]
+
+    calm = [records([9.8e3, 9.6e3]), records([9.9e3, 9.7e3]), records([1.01e4, 9.9e3])]
+    fig = plot_curves(rows, calm)
+    assert fig.axes[1].get_ylim()[1] < 1.1e4 and "above the axis" not in fig.axes[1].get_title()
+    blown = [*calm[:2], records([3.4e4, 1e23])]  # the README sweep's 204-layer plain run did this
+    fig = plot_curves(rows, blown)
+    lo, hi = fig.axes[1].get_ylim()
+    assert hi < 4e4 and lo > 5e3  # the calm curves keep the axis, 1e23 does not flatten them
+    assert "1 point above the axis" in fig.axes[1].get_title()
+    marks = [ln for ln in fig.axes[1].lines if ln.get_marker() == "^"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [2]
+    assert "above" not in fig.axes[0].get_title()  # train losses were calm

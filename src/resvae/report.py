@@ -199,8 +199,46 @@ def _values(records: list[dict], key: str) -> list[float]:
     return [math.nan if r.get(key) is None else r[key] for r in records]
 
 
+def robust_top(values: list[float]) -> float | None:
+    """The y-axis top that keeps ordinary curves readable, or None when nothing is extreme.
+
+    One run that blows up (a val loss of 1e23 beside 1e4) would flatten every other curve to a
+    line at 0, and a log axis would squeeze their differences into a sliver. Values above a
+    fence, and non-finite ones, are drawn clipped at the top instead, and marked. The fence is
+    Tukey's far-out one (third quartile + 3 IQR), but at least 10x the median's magnitude above
+    the third quartile: with a few epochs per run the IQR alone would clip an ordinary first
+    epoch, and a blow-up is orders of magnitude, not a factor of 2.
+    """
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return None
+    q1, median, q3 = (finite[int(round(q * (len(finite) - 1)))] for q in (0.25, 0.5, 0.75))
+    fence = q3 + max(3 * (q3 - q1), 10 * abs(median))
+    if all(v <= fence for v in finite) and len(finite) == len(values):
+        return None
+    return max(v for v in finite if v <= fence)
+
+
+def _clipped_plot(ax, epochs: list, ys: list[float], top: float | None, style: dict) -> int:
+    """Plot one curve; with `top`, points above it (or not finite) sit at the top as open
+    triangles. Returns how many were clipped."""
+    if top is None:
+        ax.plot(epochs, ys, **style)
+        return 0
+    # 2% above the top of the ordinary values: the marks stay visible under the axis' edge
+    edge = top + 0.02 * abs(top)
+    out = [not (math.isfinite(y) and y <= top) and not math.isnan(y) for y in ys]
+    ax.plot(epochs, [edge if o else y for y, o in zip(ys, out)], **style)
+    if any(out):
+        ax.plot([e for e, o in zip(epochs, out) if o], [edge] * sum(out), linestyle="none",
+                marker="^", markerfacecolor="none", color=style["color"])
+    return sum(out)
+
+
 def plot_curves(rows: list[dict], metrics: list[list[dict]]):
-    """Train and val loss per epoch, one line per run: colour by depth, dashed = plain."""
+    """Train and val loss per epoch, one line per run: colour by depth, dashed = plain.
+
+    A run that blows up is clipped at the top of the axis and marked (robust_top)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -209,6 +247,10 @@ def plot_curves(rows: list[dict], metrics: list[list[dict]]):
     axes = fig.subplots(1, 2)  # own y scales: val and train losses can sit far apart
     depths = sorted({r["depth"] for r in rows if r["depth"] is not None})
     cmap = colormaps["viridis"]
+    keys = ("train_loss", "val_loss")
+    tops = [robust_top([v for records in metrics for v in _values(records, key)
+                        if not math.isnan(v)]) for key in keys]
+    clipped = [0, 0]
     for row, records in zip(rows, metrics):
         if not records:
             continue
@@ -216,9 +258,11 @@ def plot_curves(rows: list[dict], metrics: list[list[dict]]):
         style = dict(color=cmap(0.85 * k / max(len(depths) - 1, 1)), label=_label(row),
                      linestyle="--" if row["shortcut"] == "none" else "-")
         epochs = [r["epoch"] for r in records]
-        axes[0].plot(epochs, _values(records, "train_loss"), **style)
-        axes[1].plot(epochs, _values(records, "val_loss"), **style)
-    for ax, title in zip(axes, ("train loss", "val loss")):
+        for i, key in enumerate(keys):
+            clipped[i] += _clipped_plot(axes[i], epochs, _values(records, key), tops[i], style)
+    for ax, title, n in zip(axes, ("train loss", "val loss"), clipped):
+        if n:
+            title += f"\n({n} point{'s' if n > 1 else ''} above the axis, drawn at its top: \u25b3)"
         ax.set(title=title, xlabel="epoch", ylabel="loss (nats / image)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -521,4 +565,4 @@ def compare(run_dirs) -> str:
 
 __all__ = ["STUDY_TABLE1", "COLUMNS", "FIGURES", "collect", "format_table", "write_results",
            "make_figures", "write_html", "report", "compare", "find_runs", "latest_samples",
-           "plot_curves", "plot_loss_vs_depth", "plot_degradation", "plot_samples"]
+           "plot_curves", "robust_top", "plot_loss_vs_depth", "plot_degradation", "plot_samples"]
