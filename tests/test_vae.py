@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from resvae import build_vae
+from resvae.hier import HierVAE
+from resvae.vae import VAE
+from resvae.vae_base import BaseVAE
 
 
 def tiny(likelihood="dlogistic", **kw):
@@ -22,6 +25,19 @@ def test_forward_keys_and_bpd():
     torch.testing.assert_close(out["loss"], out["rate"] + out["distortion"])
     torch.testing.assert_close(out["bpd"], out["loss"] / (3 * 32 * 32 * math.log(2)))
     assert "bpd" not in tiny("bernoulli")(x)  # BCE is no likelihood of 8-bit data
+
+
+@pytest.mark.parametrize("arch, cls", [("study", VAE), ("resnet", VAE), ("hier", HierVAE)])
+def test_every_arch_builds_a_base_vae_with_one_sample_and_reconstruct(arch, cls):
+    # build_vae's return annotation (BaseVAE) holds for every arch, and sampling and
+    # reconstruction are the base class's, written once, not overridden per model.
+    opts = {"study": {}, "resnet": {"block": "basic"}, "hier": {"stochastic_layers": 4}}[arch]
+    vae = build_vae(arch=arch, depth=28 if arch != "resnet" else 20, width=1 / 16, latent_dim=4,
+                    **opts).eval()
+    assert type(vae) is cls and isinstance(vae, BaseVAE)
+    assert cls.sample is BaseVAE.sample and cls.reconstruct is BaseVAE.reconstruct
+    assert vae.device == torch.device("cpu") and vae.n_dims == 3 * 32 * 32
+    assert vae.sample(2).shape == vae.reconstruct(torch.rand(2, 3, 32, 32)).shape == (2, 3, 32, 32)
 
 
 def _spread_posterior(vae):

@@ -28,6 +28,8 @@ from .files import EXIT_DISK_FULL, DiskFullError
 
 MODEL_KEYS = [k for k, (sec, _, _) in fields_flat().items() if sec == "model"]
 PRECEDENCE = "defaults < --preset < --config FILE < RESVAE_<KEY> environment variables < flags"
+CONFIG_EPILOG = (f"Config precedence: {PRECEDENCE}. With --preset NAME the defaults shown "
+                 "are that preset's.")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -392,8 +394,6 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     """The `resvae` parser; `preset` (the --preset of the command line being parsed) makes the
     config flags' help show that preset's values as their defaults."""
-    from .export import FORMATS  # (the export formats: where they are implemented)
-
     presets = ", ".join(preset_names())
     p = _Parser(
         prog="resvae", description="VAEs with deep residual encoders/decoders: train and measure.",
@@ -401,14 +401,22 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"resvae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     p.subcommands = sub.choices
-    config_epilog = (f"Config precedence: {PRECEDENCE}. With --preset NAME the defaults shown "
-                     "are that preset's.")
+    # the order here is the order `resvae --help` lists the commands in
+    for add in (_add_info_parser, _add_train_parser, _add_sweep_parser, _add_bench_parser):
+        add(sub, preset, presets)
+    for add in (_add_report_parser, _add_compare_parser, _add_eval_parser, _add_sample_parser,
+                _add_reconstruct_parser, _add_interpolate_parser, _add_export_parser):
+        add(sub)
+    return p
 
+
+def _add_info_parser(sub, preset: str | None, presets: str) -> None:
+    """`resvae info`: the model flags, --depth as a list."""
     info = sub.add_parser("info", help="layers, parameters and FLOPs of a network",
                           usage="%(prog)s [--preset NAME] [--depth D[,D...]] [--json] "
                                 "[--MODEL-KEY VALUE ...]",
                           description="Layers (by resvae's depth convention), encoder/decoder "
-                          "parameters and forward FLOPs per image.", epilog=config_epilog)
+                          "parameters and forward FLOPs per image.", epilog=CONFIG_EPILOG)
     info.add_argument("--preset", metavar="NAME", help=f"take the model settings from a preset: {presets}")
     info.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
     info.add_argument("--image-size", type=int, default=32, help="input size (default 32)")
@@ -422,6 +430,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _add_config_flags(info, [k for k in MODEL_KEYS if k != "depth"], preset, groups)
     info.set_defaults(func=cmd_info)
 
+
+def _add_train_parser(sub, preset: str | None, presets: str) -> None:
+    """`resvae train`: config sources, run-directory flags and every config flag."""
     tr = sub.add_parser("train", help="train a VAE",
                         usage="%(prog)s [--preset NAME] [--config FILE] [--out DIR [--overwrite] "
                               "| --resume\n" + " " * 20 + "RUN_DIR] [--print-config] "
@@ -429,7 +440,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         description="Train a VAE; writes config.json, metrics.jsonl, checkpoints, "
                         "sample/reconstruction grids and summary.json into the run directory. "
                         "Under torchrun it trains with DistributedDataParallel.",
-                        epilog=config_epilog)
+                        epilog=CONFIG_EPILOG)
     _add_config_sources(tr, presets)
     tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>-<time>)")
     tr.add_argument("--resume", metavar="RUN_DIR",
@@ -452,6 +463,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _add_config_flags(tr, fields_flat(), preset)
     tr.set_defaults(func=cmd_train)
 
+
+def _add_sweep_parser(sub, preset: str | None, presets: str) -> None:
+    """`resvae sweep`: a sweep file or --depths, plus the config flags but depth/shortcut."""
     sw = sub.add_parser("sweep", help="train one run per depth (x shortcut), then report",
                         usage="%(prog)s [SWEEP_FILE] [--depths D,D,...] [--shortcut S,...]\n"
                               + " " * 20 + "[--preset NAME] [--config FILE] [--out DIR] "
@@ -460,7 +474,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "everything else equal (seed, data order, images per run), into "
                         "SWEEP_DIR/<name>/; rerunning skips finished runs and resumes "
                         "interrupted ones; writes results.csv/.md and figures.",
-                        epilog=config_epilog)
+                        epilog=CONFIG_EPILOG)
     sw.add_argument("file", nargs="?", metavar="SWEEP_FILE",
                     help="a TOML sweep: preset, [grid] of lists, [set] of fixed settings")
     sw.add_argument("--depths", type=_depths, help="comma list, e.g. 20,52,100,204")
@@ -477,6 +491,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _add_config_flags(sw, [k for k in fields_flat() if k not in ("depth", "shortcut")], preset)
     sw.set_defaults(func=cmd_sweep)
 
+
+def _add_bench_parser(sub, preset: str | None, presets: str) -> None:
+    """`resvae bench`: timing options and the config flags a training step depends on."""
     be = sub.add_parser("bench", help="training throughput against this machine's ceiling",
                         usage="%(prog)s [--preset NAME] [--config FILE] [--seconds S] "
                               "[--synthetic] [--variants V,...]\n" + " " * 20 +
@@ -488,7 +505,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "ceilings before and after the model, a naive baseline (eager fp32 "
                         "NCHW, per-image float conversion) and the data path alone. Variants "
                         "are interleaved round by round; the configured one is reported first.",
-                        epilog=config_epilog)
+                        epilog=CONFIG_EPILOG)
     _add_config_sources(be, presets)
     be.add_argument("--seconds", type=_seconds, default=30.0, metavar="S",
                     help="measuring time in all, shared by the variants and the baseline "
@@ -511,6 +528,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _add_config_flags(be, _bench_keys(), preset)
     be.set_defaults(func=cmd_bench)
 
+
+def _add_report_parser(sub) -> None:
+    """`resvae report SWEEP_DIR`."""
     rp = sub.add_parser("report", help="results table, figures and an HTML page of a sweep")
     rp.add_argument("sweep_dir", metavar="SWEEP_DIR")
     rp.add_argument("-o", metavar="HTML", help="also write one self-contained HTML page")
@@ -519,10 +539,16 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     rp.add_argument("--chromium", help="Chromium executable (default $RESVAE_CHROMIUM or PATH)")
     rp.set_defaults(func=cmd_report)
 
+
+def _add_compare_parser(sub) -> None:
+    """`resvae compare RUN_DIR...`."""
     cp = sub.add_parser("compare", help="the results table for any run directories")
     cp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     cp.set_defaults(func=cmd_compare)
 
+
+def _add_eval_parser(sub) -> None:
+    """`resvae eval RUN_DIR`: ELBO and IWAE options."""
     ev = sub.add_parser("eval", help="negative ELBO and IWAE bound of a saved run",
                         description="Negative ELBO and the importance-weighted bound (Burda et "
                         "al. 2016), each with its standard error over images, in nats and "
@@ -539,6 +565,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print eval.json's object")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_sample_parser(sub) -> None:
+    """`resvae sample RUN_DIR -o PNG`."""
     sa = sub.add_parser("sample", help="a grid of images from a saved run's prior")
     _run_arg(sa)
     sa.add_argument("-n", type=int, default=100, help="images (default 100, 10 per row)")
@@ -547,6 +576,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=1234)
     sa.set_defaults(func=cmd_sample)
 
+
+def _add_reconstruct_parser(sub) -> None:
+    """`resvae reconstruct RUN_DIR -o PNG`."""
     rc = sub.add_parser("reconstruct", help="test images above their reconstructions")
     _run_arg(rc)
     rc.add_argument("-n", type=int, default=50, help="images (default 50)")
@@ -554,6 +586,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     rc.add_argument("--split", default="test", choices=["train", "val", "test"])
     rc.set_defaults(func=cmd_reconstruct)
 
+
+def _add_interpolate_parser(sub) -> None:
+    """`resvae interpolate RUN_DIR -o PNG`."""
     ip = sub.add_parser("interpolate", help="walks in latent space between test images")
     _run_arg(ip)
     ip.add_argument("--pairs", type=int, default=8, help="rows (default 8)")
@@ -561,6 +596,11 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     ip.add_argument("-o", required=True, metavar="PNG")
     ip.add_argument("--split", default="test", choices=["train", "val", "test"])
     ip.set_defaults(func=cmd_interpolate)
+
+
+def _add_export_parser(sub) -> None:
+    """`resvae export RUN_DIR -o OUT`."""
+    from .export import FORMATS  # (the export formats: where they are implemented)
 
     ex = sub.add_parser("export", help="a saved run as a folder to share, or its decoder as ONNX",
                         description="--format hub: a folder with config.json and "
@@ -575,7 +615,6 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     ex.add_argument("-o", required=True, metavar="OUT", help="the folder (hub) or file (onnx)")
     ex.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
     ex.set_defaults(func=cmd_export)
-    return p
 
 
 def _options(parser: argparse.ArgumentParser) -> list[str]:

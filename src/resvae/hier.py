@@ -37,8 +37,8 @@ sqrt(1/blocks) and each z projection by sqrt(1/groups), or both zeroed with zero
 the prior heads start at zero (p = N(0, I), no state update); the posterior heads are Glorot, so
 q starts near the prior.
 
-`HierVAE` has the interface of `vae.VAE` (it is a separate class because vae.py imports this
-module); its `encode`/`decode` work on one flat code, all groups' latents concatenated (see there).
+`HierVAE` is a `vae_base.BaseVAE`, as `vae.VAE` is; its `encode`/`decode` work on one flat code,
+all groups' latents concatenated (see there).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import BLOCKS, init_weights, make_stage, residual_scale_
-from .likelihoods import Likelihood, bits_per_dim
+from .likelihoods import Likelihood
+from .vae_base import BaseVAE
 
 HIER_BASE = 128  # channels at width 1.0
 N_LEVELS = 4     # latent resolutions: 1x1 (global), s/8, s/4, s/2
@@ -253,9 +254,10 @@ class TopDown(nn.Module):
         return p[..., :self.image_size, :self.image_size], stats  # odd sizes: 2*ceil(n/2) = n+1
 
 
-class HierVAE(nn.Module):
-    """The hierarchical VAE with `vae.VAE`'s interface (forward, penalty, sample, reconstruct,
-    iwae, encode, decode, encoder, decoder, likelihood, image_shape, n_dims, latent_dim).
+class HierVAE(BaseVAE):
+    """The hierarchical VAE, with the interface of every resvae VAE (`BaseVAE`: forward, penalty,
+    sample, reconstruct, iwae, encode, decode, encoder, decoder, likelihood, image_shape, n_dims,
+    latent_dim, device).
 
     The latent code, for `encode`/`decode` (and so `evaluate.active_units` and
     `generate.interpolations`), is every group's latent flattened and concatenated, top group
@@ -268,21 +270,12 @@ class HierVAE(nn.Module):
 
     def __init__(self, encoder: BottomUp, decoder: TopDown, likelihood: Likelihood,
                  image_shape: tuple[int, int, int]):
-        super().__init__()
-        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
-        self.image_shape = tuple(image_shape)  # (C, H, W)
+        super().__init__(encoder, decoder, likelihood, image_shape)
         self.latent_dim = sum(math.prod(s) for s in decoder.group_shapes)
-
-    @property
-    def n_dims(self) -> int:
-        return math.prod(self.image_shape)
 
     @property
     def n_groups(self) -> int:
         return len(self.decoder.group_shapes)
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B,C,H,W) -> posterior means and log-variances of all groups along the mean path,
@@ -310,30 +303,18 @@ class HierVAE(nn.Module):
         distortion = self.likelihood.nll(params.float(), x)
         kl = torch.stack([gaussian_kl(*(t.float() for t in (s.q_mean, s.q_logvar, s.p_mean,
                                                              s.p_logvar))) for s in stats], 1)
-        rate = kl.sum(1)
-        out = {"loss": distortion + rate, "rate": rate, "distortion": distortion, "kl": kl}
-        if self.likelihood.discrete:
-            out["bpd"] = bits_per_dim(out["loss"], self.n_dims)
-        return out
+        return self.negative_elbo(distortion, kl)
 
     def penalty(self) -> Tensor:
         """No weight penalty (the study's latent L2 belongs to its single latent layer)."""
-        return torch.zeros((), device=self._device())
+        return torch.zeros((), device=self.device)
 
-    @torch.no_grad()
-    def sample(self, n: int, *, mean: bool = True, temperature: float | Sequence[float] = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
-        """n images (n,C,H,W) in [0,1] from the prior, z_i ~ p(z_i | z_<i) with its std scaled by
+    def prior_params(self, n: int, *, temperature: float | Sequence[float],
+                     generator: torch.Generator | None) -> Tensor:
+        """The top-down pass from the prior, z_i ~ p(z_i | z_<i) with its std scaled by
         `temperature` (one number, or one per group, top first); 0 takes the prior means, so
-        temperature 0 with mean=True is deterministic."""
-        params, _ = self.decoder(n=n, temperature=temperature, generator=generator)
-        return self.likelihood.images(params, mean=mean, generator=generator)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor, *, mean: bool = True) -> Tensor:
-        """Decode x's posterior means (every z_i at its mean): (B,C,H,W) in [0,1]."""
-        params = self.decode(self.encode(x)[0])
-        return self.likelihood.images(params, mean=mean)
+        `sample` at temperature 0 with mean=True is deterministic."""
+        return self.decoder(n=n, temperature=temperature, generator=generator)[0]
 
     @torch.no_grad()
     def iwae(self, x: Tensor, k: int, *, max_batch: int = 512) -> Tensor:

@@ -17,23 +17,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ModelConfig, RunConfig, validate
 from .hier import HierVAE
-from .likelihoods import Likelihood, bits_per_dim, make_likelihood
+from .likelihoods import Likelihood, make_likelihood
 from .nets import ARCHS, count_layers
+from .vae_base import BaseVAE
 
 LOG_2PI = math.log(2 * math.pi)
 
 
-class VAE(nn.Module):
+class VAE(BaseVAE):
+    """One latent vector of `encoder.latent_dim` dimensions (sample, reconstruct, n_dims and the
+    device come from `BaseVAE`, shared with hier.HierVAE)."""
+
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood,
                  image_shape: tuple[int, int, int]):
-        super().__init__()
-        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
-        self.image_shape = tuple(image_shape)  # (C, H, W)
+        super().__init__(encoder, decoder, likelihood, image_shape)
         self.latent_dim = encoder.latent_dim
-
-    @property
-    def n_dims(self) -> int:
-        return math.prod(self.image_shape)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B,C,H,W) in [0,1] -> posterior mean and log-variance, each (B, latent_dim)."""
@@ -61,33 +59,17 @@ class VAE(nn.Module):
         distortion = self.likelihood.nll(params, x)
         # Analytic KL(N(mean, var) || N(0, 1)) per dimension.
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
-        rate = kl.sum(dim=1)
-        out = {"loss": distortion + rate, "rate": rate, "distortion": distortion, "kl": kl}
-        if self.likelihood.discrete:
-            out["bpd"] = bits_per_dim(out["loss"], self.n_dims)
-        return out
+        return self.negative_elbo(distortion, kl)
 
     def penalty(self) -> Tensor:
         """Weight penalties to add to the training objective (the study's latent-layer L2)."""
         return self.encoder.penalty()
 
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @torch.no_grad()
-    def sample(self, n: int, *, mean: bool = True, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
-        """n images (n,C,H,W) in [0,1] decoded from the prior; `mean=True` shows the likelihood's
-        mean (what the study's grids show), False draws pixels from it."""
-        z = torch.randn(n, self.latent_dim, device=self._device(), generator=generator)
-        params = self.decode(z * temperature)
-        return self.likelihood.images(params, mean=mean, generator=generator)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor, *, mean: bool = True) -> Tensor:
-        """Decode the posterior mean of x: (B,C,H,W) in [0,1]."""
-        params = self.decode(self.encode(x)[0])
-        return self.likelihood.images(params, mean=mean)
+    def prior_params(self, n: int, *, temperature: float,
+                     generator: torch.Generator | None) -> Tensor:
+        """Decode n draws z ~ N(0, temperature^2 I), (n, latent_dim)."""
+        z = torch.randn(n, self.latent_dim, device=self.device, generator=generator)
+        return self.decode(z * temperature)
 
     @torch.no_grad()
     def iwae(self, x: Tensor, k: int, *, max_batch: int = 512) -> Tensor:
@@ -116,10 +98,11 @@ class VAE(nn.Module):
 
 
 def build_vae(config: ModelConfig | None = None, *, channels: int = 3, image_size: int = 32,
-              **overrides) -> VAE:
+              **overrides) -> BaseVAE:
     """Build a VAE from a `ModelConfig` (its defaults: the study's 28-layer network, latent 256,
-    Bernoulli likelihood). Keyword arguments override single fields as a convenience:
-    `build_vae(arch="resnet", depth=20)`; an unknown one is a TypeError naming it."""
+    Bernoulli likelihood): a `VAE`, or a `hier.HierVAE` for arch "hier". Keyword arguments
+    override single fields as a convenience: `build_vae(arch="resnet", depth=20)`; an unknown one
+    is a TypeError naming it."""
     cfg = config if config is not None else ModelConfig()
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_vae takes a ModelConfig (or keyword fields), got {cfg!r}")
@@ -148,7 +131,7 @@ def build_vae(config: ModelConfig | None = None, *, channels: int = 3, image_siz
     return vae_class(encoder, decoder, lik, (channels, image_size, image_size))
 
 
-def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> VAE:
+def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> BaseVAE:
     """The VAE a run config describes, for images of `image_shape` (C, H, W)."""
     c, h, w = image_shape
     if h != w:
@@ -168,12 +151,12 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def model_info(vae: VAE | HierVAE) -> dict:
+def model_info(vae: BaseVAE) -> dict:
     """Layers (by the depth convention), parameters, and forward FLOPs per image (one negative
     ELBO: encoder, a posterior sample, decoder; only convs and matmuls count)."""
     enc = sum(p.numel() for p in vae.encoder.parameters())
     dec = sum(p.numel() for p in vae.decoder.parameters())
-    x = torch.rand(1, *vae.image_shape, device=vae._device())
+    x = torch.rand(1, *vae.image_shape, device=vae.device)
     # vae(x), not decode(encode(x)): a hierarchical encode already runs the top-down pass.
     with eval_mode(vae), torch.no_grad(), FlopCounterMode(display=False) as counter:
         vae(x)
