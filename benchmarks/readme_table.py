@@ -1,7 +1,8 @@
 """Print the README's main-job table from the run's own files, so the README never carries a
 number that a command did not write (a sweep's table is its own results.md).
 
-    python benchmarks/readme_table.py runs/cpu
+    python benchmarks/readme_table.py runs/cpu                  # one run, in detail
+    python benchmarks/readme_table.py runs/cpu-a runs/cpu-b ...  # the spread: one row per run
 
 Figures that depend on the machine's speed (wall and training time, images/s, and so the
 epochs a time budget allows) are marked; losses after a fixed number of steps reproduce exactly
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from resvae.report import format_time
-from resvae.runs import read_config, read_metrics, read_summary
+from resvae.runs import read_config, read_history, read_metrics, read_summary
 
 
 def main_table(run_dir: Path) -> str:
@@ -53,10 +54,35 @@ def main_table(run_dir: Path) -> str:
     return "\n".join(out)
 
 
+def spread_table(run_dirs: list[Path]) -> str:
+    """One row per run of the same command: when it ran (UTC hour), the machine's speed that
+    hour (images/s over its full epochs), what the budget bought, and the result; then the
+    range. A speed-bound number is quoted from several hours, never from one run."""
+    out = ["| run started (UTC) | commit | images/s (per epoch) | training images seen | "
+           "epochs | test bits/dim |", "|---|---|---:|---:|---:|---:|"]
+    bpds = []
+    for run_dir in run_dirs:
+        s, records = read_summary(run_dir), read_metrics(run_dir)
+        started = read_history(run_dir)[0]["started"]
+        rates = [r["images_per_s"] for r in records if not r.get("partial")] or \
+            [r["images_per_s"] for r in records]
+        partial = " + part" if records and records[-1].get("partial") else ""
+        bpds.append(s["test_bpd"])
+        out.append(f"| {started[:10]} {started[11:16]} | {str(s.get('git_commit'))[:7]} | "
+                   f"{min(rates):.0f}-{max(rates):.0f} | {s['images_seen']:,} | "
+                   f"{s['epochs']}{partial} | {s['test_bpd']:.3f} |")
+    out += ["", f"{len(bpds)} runs: test bits/dim {min(bpds):.3f}-{max(bpds):.3f} "
+                f"(median {sorted(bpds)[len(bpds) // 2]:.3f})."]
+    return "\n".join(out)
+
+
 def cli(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir", type=Path, help="the main job's run directory")
-    print(main_table(ap.parse_args(argv).run_dir))
+    ap.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                    help="one run: its table; several runs of one command: the spread")
+    args = ap.parse_args(argv)
+    print(main_table(args.run_dirs[0]) if len(args.run_dirs) == 1
+          else spread_table(args.run_dirs))
     return 0
 
 
