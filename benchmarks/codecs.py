@@ -24,7 +24,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from resvae.data import _decode_images, _list_images
+from resvae.data import decode_images, list_images
 
 # name: (Pillow format, save options, what it is). Options chosen for the smallest lossless
 # output each codec offers through Pillow; AVIF is left out: Pillow encodes it through YUV,
@@ -48,10 +48,10 @@ CODECS: dict[str, tuple[str, dict, str]] = {
 def load_images(data_dir: str | Path, split: str = "test", n: int = 0) -> np.ndarray:
     """uint8 (N, H, W, 3) from DATA_DIR/<split>/<class>/*, decoded as resvae decodes them.
     n > 0 takes n images spread evenly over the sorted list (so over every class)."""
-    files, _, _ = _list_images(Path(data_dir) / split, None)
+    files, _, _ = list_images(Path(data_dir) / split, None)
     if 0 < n < len(files):
         files = [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
-    images, _ = _decode_images(files, 0, None, f"decode {split}")
+    images, _ = decode_images(files, 0, None, f"decode {split}")
     return images.transpose(0, 2, 3, 1)  # (N, 3, H, W) -> (N, H, W, 3) for Pillow
 
 

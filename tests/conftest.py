@@ -6,6 +6,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+import resvae.data as data_module  # noqa: E402
 import resvae.train as T  # noqa: E402
 from resvae.data import ImageSet, load_dataset  # noqa: E402
 
@@ -62,4 +63,4 @@ def small_runs(tmp_path, monkeypatch):
     for var in list(os.environ):
         if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
             monkeypatch.delenv(var)
-    monkeypatch.setattr(T, "load_dataset", small_load)
+    monkeypatch.setattr(data_module, "load_dataset", small_load)

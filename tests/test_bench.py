@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from resvae import bench as B
 from resvae.cli import main
 from resvae.config import resolve, to_dict
-from resvae.train import make_optimizer
+from resvae.step import make_optimizer
 from resvae.vae import build_from_config, eval_mode, model_info
 
 FAST = ["--seconds", "0.3", "--matmul-size", "64", "--device", "cpu"]

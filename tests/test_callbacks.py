@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import small_data, train_small
 
-import resvae.train as T
+import resvae.state as ST
+import resvae.step as S
 from resvae.cli import main
 from resvae.config import resolve
 from resvae.data import iterate_batches, to_input
@@ -37,7 +38,7 @@ def reference_run(cfg, data, epochs):
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tuple(tc.betas))
     means, steps = [], []
     for epoch in range(epochs):  # (validation between epochs does not change the weights)
-        torch.manual_seed(T.epoch_seed(tc.seed, epoch, 0))
+        torch.manual_seed(ST.epoch_seed(tc.seed, epoch, 0))
         vae.train()
         sums = [0.0, 0.0, 0.0]
         n = 0
@@ -84,8 +85,8 @@ def test_training_step_returns_device_tensors():
     vae = build_from_config(cfg, (3, 32, 32))
     opt = torch.optim.Adam(vae.parameters())
     x = torch.rand(8, 3, 32, 32)
-    out = T.training_step(vae, vae, x, opt, cfg.train)
-    for k in T.STEP_KEYS:
+    out = S.training_step(vae, vae, x, opt, cfg.train)
+    for k in ST.STEP_KEYS:
         assert isinstance(out[k], torch.Tensor) and out[k].dim() == 0 and not out[k].requires_grad
     assert out["skipped"] is False
 
@@ -103,9 +104,9 @@ def test_epoch_means_and_logged_steps_equal_a_plain_loop_bit_for_bit(tmp_path):
     assert [s for s, _ in rec.steps] == [3, 6]
     for (step, stats), window in zip(rec.steps, (steps[0:3], steps[3:6])):
         expect = [sum(col) / 3 for col in zip(*window)]
-        assert [stats[k] for k in T.STEP_KEYS] == expect, step
+        assert [stats[k] for k in ST.STEP_KEYS] == expect, step
         assert stats["lr"] == cfg.train.lr and stats["beta"] == 1.0 and stats["skipped"] == 0
-        assert all(type(stats[k]) is float for k in T.STEP_KEYS)
+        assert all(type(stats[k]) is float for k in ST.STEP_KEYS)
     assert [st["epoch"] for _, st in rec.steps] == [1, 2]
     assert rec.epochs == records
     assert rec.ends == [summary] and end_only.summary == summary

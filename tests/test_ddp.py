@@ -41,10 +41,12 @@ def _cfg(**overrides):
     return resolve(preset="tiny", environ={}, overrides={**base, **overrides})
 
 
-def _small_splits():
+def _small_splits(load_dataset=None):
     """64 train images; val and test 64 images each (not the 2000 of the shapes test split)."""
-    from resvae.data import ImageSet, load_dataset
+    from resvae.data import ImageSet
 
+    if load_dataset is None:
+        from resvae.data import load_dataset
     d = load_dataset("shapes", subset=64)
     d.val = ImageSet(d.test.images[:64], None, d.test.classes)
     d.test = ImageSet(d.test.images[64:128], None, d.test.classes)
@@ -63,7 +65,7 @@ def _global_batches():
 
 
 def _hand_loop(model, vae, batches, tc, rt=None):
-    from resvae.train import training_step
+    from resvae.step import training_step
 
     opt = torch.optim.SGD(vae.parameters(), lr=LR)
     skipped = [training_step(model, vae, x, opt, tc, rt=rt)["skipped"] for x in batches]
@@ -80,13 +82,16 @@ def _worker(rank, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    import resvae.data as data_module
+    import resvae.step as S
     import resvae.train as T
     import resvae.vae as V
     from resvae import distributed as D
 
     out = Path(out)
     # --- A: train() end to end; record the weights of every evaluation on every rank --------
-    T.load_dataset = lambda *a, **k: _small_splits()
+    real_load = data_module.load_dataset  # (train's load_splits calls the patched one)
+    data_module.load_dataset = lambda *a, **k: _small_splits(real_load)
     real_eval, n_eval = T.evaluate, [0]
 
     def recording_evaluate(vae, images, *a, **k):
@@ -114,7 +119,7 @@ def _worker(rank, port, out):
     for sync in (True, False):
         cfg = _cfg(sync_bn=sync)  # True is not the default: the setting must reach D.wrap
         torch.manual_seed(0)
-        vae = T.build_from_config(cfg, (3, 32, 32))
+        vae = V.build_from_config(cfg, (3, 32, 32))
         model = D.wrap(vae, rt, sync_bn=cfg.train.sync_bn)
         bns = [type(m).__name__ for m in model.modules()
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -125,12 +130,12 @@ def _worker(rank, port, out):
     # only through the guard's own collective (D.all_ranks): both must skip that update
     cfg = _cfg(guard="device")
     torch.manual_seed(0)
-    vae = T.build_from_config(cfg, (3, 32, 32))
-    opt = T.make_optimizer(vae, cfg.train)
+    vae = V.build_from_config(cfg, (3, 32, 32))
+    opt = S.make_optimizer(vae, cfg.train)
     flags = []
     for i, x in enumerate(mine):
         x = torch.full_like(x, float("nan")) if (i, rank) == (1, 1) else x
-        skipped = T.training_step(vae, vae, x, opt, cfg.train, rt=rt)["skipped"]
+        skipped = S.training_step(vae, vae, x, opt, cfg.train, rt=rt)["skipped"]
         flags.append([type(skipped).__name__, bool(skipped)])
     (out / f"devguard_rank{rank}.json").write_text(json.dumps(flags))
     # --- D: --channels-last under DDP (hier, whose top bias is 1x1): no grad / bucket stride
@@ -138,7 +143,7 @@ def _worker(rank, port, out):
     from resvae.config import resolve
     cfg = resolve(preset="cpu", environ={}, overrides={"width": 0.0625, "device": "cpu"})
     torch.manual_seed(0)
-    model = D.wrap(T.to_channels_last(T.build_from_config(cfg, (3, 32, 32))), rt, False)
+    model = D.wrap(S.to_channels_last(V.build_from_config(cfg, (3, 32, 32))), rt, False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(mine[0].contiguous(memory_format=torch.channels_last))["loss"].mean().backward()
@@ -248,7 +253,6 @@ def test_ddp_ranks_evaluate_the_same_model(ddp_out):
 @pytest.fixture(scope="module")
 def reference():
     """1 process, the whole global batches (2b), same init and noise."""
-    import resvae.train as T
     import resvae.vae as V
 
     mp = pytest.MonkeyPatch()
@@ -256,7 +260,7 @@ def reference():
     try:
         cfg = _cfg()
         torch.manual_seed(0)
-        vae = T.build_from_config(cfg, (3, 32, 32))
+        vae = V.build_from_config(cfg, (3, 32, 32))
         return _hand_loop(vae, vae, _global_batches(), cfg.train)
     finally:
         mp.undo()
@@ -280,10 +284,10 @@ def test_sync_bn_matches_one_process_with_double_batch(ddp_out, reference):
         for k, v in reference.items():
             torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {k}")
     # and training moved the weights well beyond the tolerance
-    import resvae.train as T
+    import resvae.vae as V
 
     torch.manual_seed(0)
-    start = T.build_from_config(init, (3, 32, 32)).state_dict()
+    start = V.build_from_config(init, (3, 32, 32)).state_dict()
     assert _max_diff(_split(start)[0], _split(reference)[0]) > 1e-4
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_small
+from conftest import load_dataset, train_small
 from PIL import Image
 
 import resvae
@@ -574,7 +574,7 @@ def test_data_deleted_during_a_run_changes_nothing(tmp_path, monkeypatch):
     # that vanishes mid-run cannot fail a read, because no read happens any more
     from resvae import data as data_module
 
-    monkeypatch.setattr(T, "load_dataset", data_module.load_dataset)  # the real loader
+    monkeypatch.setattr(data_module, "load_dataset", load_dataset)  # the real loader
     folder = image_folder(tmp_path / "data", n_train=96, n_test=24)
 
     class DeleteData:

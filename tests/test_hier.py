@@ -12,7 +12,9 @@ import torch
 from conftest import small_load
 from torch import nn
 
+import resvae.step as S
 import resvae.train as T
+import resvae.vae as V
 from resvae import build_vae
 from resvae.cli import main
 from resvae.config import ConfigError, resolve
@@ -251,7 +253,7 @@ def hier_cfg(**overrides):
 def test_a_few_steps_lower_the_loss(small_runs):
     cfg = hier_cfg(lr=3e-3)
     torch.manual_seed(0)
-    vae = T.build_from_config(cfg, (3, 32, 32))
+    vae = V.build_from_config(cfg, (3, 32, 32))
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr)
     x = torch.from_numpy(small_load("shapes", subset=64).train.images[:16]).float() / 255
 
@@ -261,7 +263,7 @@ def test_a_few_steps_lower_the_loss(small_runs):
             return vae(x)["loss"].mean().item()
 
     before = loss()
-    steps = [T.training_step(vae, vae, x, opt, cfg.train) for _ in range(10)]
+    steps = [S.training_step(vae, vae, x, opt, cfg.train) for _ in range(10)]
     assert not any(s["skipped"] for s in steps)
     assert loss() < 0.98 * before, (before, loss())  # the same z draws: no noise in the change
 
@@ -271,13 +273,13 @@ def test_hundred_layers_ten_groups_train_without_nan(small_runs, free_bits):
     cfg = hier_cfg(depth=104, stochastic_layers=12, width=0.0625, lr=2e-3, grad_clip=200.0,
                    free_bits=free_bits)
     torch.manual_seed(0)
-    vae = T.build_from_config(cfg, (3, 32, 32))
+    vae = V.build_from_config(cfg, (3, 32, 32))
     assert model_info(vae)["layers"] == 104 and vae.n_groups == 12
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr)
     images = small_load("shapes", subset=64).train.images
     for i in range(5):
         x = torch.from_numpy(images[16 * (i % 4):16 * (i % 4 + 1)]).float() / 255
-        s = T.training_step(vae, vae, x, opt, cfg.train)
+        s = S.training_step(vae, vae, x, opt, cfg.train)
         assert not s["skipped"] and all(math.isfinite(s[k]) for k in ("loss", "rate", "grad_norm"))
     assert all(torch.isfinite(p).all() for p in vae.parameters())
 
@@ -301,7 +303,7 @@ def test_train_end_to_end_then_eval_and_images(small_runs, tmp_path):
 
 
 def test_preset_and_gpu_sweep_are_valid():
-    vae = T.build_from_config(resolve(preset="cpu", environ={}), (3, 32, 32))
+    vae = V.build_from_config(resolve(preset="cpu", environ={}), (3, 32, 32))
     info = model_info(vae)
     # dmol head: 5 components x 10 parameters (dlogistic would be 5 x 9: 822,644)
     assert (info["layers"], info["params"], vae.n_groups) == (40, 823_944, 10)

@@ -17,6 +17,7 @@ import torch
 from conftest import small_load
 from PIL import Image
 
+import resvae.data as data_module
 import resvae.train as T
 from resvae import report as R
 from resvae.config import resolve
@@ -44,7 +45,7 @@ def sweep(tmp_path_factory):
         mp.setenv("RESVAE_CACHE", str(tmp_path_factory.mktemp("cache")))
         for var in [v for v in os.environ if v.startswith("RESVAE_") and v != "RESVAE_CACHE"]:
             mp.delenv(var)
-        mp.setattr(T, "load_dataset", small_load)
+        mp.setattr(data_module, "load_dataset", small_load)
         entries = []
         for depth, shortcut in RUNS:
             name = f"d{depth}-{shortcut}"

@@ -20,10 +20,14 @@ from PIL import Image
 
 import resvae.checkpoints as CK
 import resvae.generate as G
+import resvae.state as ST
+import resvae.step as S
 import resvae.train as T
+import resvae.vae as V
 from resvae import distributed as D
 from resvae.cli import main
 from resvae.config import resolve, to_dict
+from resvae.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("small_runs")
 
@@ -44,7 +48,7 @@ def read_json(path):
 # ----------------------------------------------------------------------------- early stopping
 
 def test_early_stopping_counts_epochs_without_min_delta_gain():
-    es = T.EarlyStopping(patience=3, min_delta=0.1)
+    es = ST.EarlyStopping(patience=3, min_delta=0.1)
     assert es.step(10.0) and es.best == 10.0
     assert not es.step(9.95) and es.wait == 1  # a gain of 0.05 < min_delta is no gain
     assert not es.should_stop
@@ -56,7 +60,7 @@ def test_early_stopping_counts_epochs_without_min_delta_gain():
     assert stops == [False, False, True]
     assert es.best == 9.85
     # patience 0 is "off": never stops, however long nothing improves
-    off = T.EarlyStopping(patience=0)
+    off = ST.EarlyStopping(patience=0)
     off.step(1.0)
     for _ in range(50):
         off.step(2.0)
@@ -79,7 +83,7 @@ def _plateau(patience, factor=0.5, min_lr=0.0, lr=1e-3):
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([p], lr=lr)
     tc = cfg_for(plateau_patience=patience, plateau_factor=factor, min_lr=min_lr).train
-    return opt, T.make_plateau(opt, tc)
+    return opt, ST.make_plateau(opt, tc)
 
 
 def _lrs(opt, sched, values):
@@ -136,7 +140,7 @@ def test_plateau_end_to_end_lr_column(tmp_path, monkeypatch):
 def _step_setup():
     cfg = cfg_for()
     torch.manual_seed(0)
-    vae = T.build_from_config(cfg, (3, 32, 32))
+    vae = V.build_from_config(cfg, (3, 32, 32))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     x = torch.from_numpy(small_load("shapes", subset=64).train.images[:16]).float() / 255
     return cfg, vae, opt, x
@@ -153,7 +157,7 @@ def _adam_steps(opt):
 def test_training_step_skips_non_finite_batch():
     cfg, vae, opt, x = _step_setup()
     before = _params(vae)
-    s = T.training_step(vae, vae, x, opt, cfg.train)
+    s = S.training_step(vae, vae, x, opt, cfg.train)
     assert s["skipped"] is False and math.isfinite(s["loss"])
     after = _params(vae)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # a finite batch updates
@@ -161,14 +165,14 @@ def test_training_step_skips_non_finite_batch():
 
     bad = x.clone()
     bad[3, 1, 5, 7] = float("nan")
-    s = T.training_step(vae, vae, bad, opt, cfg.train)
+    s = S.training_step(vae, vae, bad, opt, cfg.train)
     assert s["skipped"] is True
     for k, v in _params(vae).items():
         assert torch.equal(v, after[k]), k
     assert _adam_steps(opt) == [1]  # the optimizer did not step
     assert all(p.grad is None for p in vae.parameters())  # no stale NaN grads left behind
 
-    s = T.training_step(vae, vae, x, opt, cfg.train)  # training continues normally
+    s = S.training_step(vae, vae, x, opt, cfg.train)  # training continues normally
     assert s["skipped"] is False and _adam_steps(opt) == [2]
     assert all(torch.isfinite(p).all() for p in vae.parameters())
 
@@ -177,11 +181,11 @@ def test_training_step_skip_threshold():
     cfg, vae, opt, x = _step_setup()
     tc = cfg_for(skip_threshold=1e-6).train  # every real gradient norm is above this
     before = _params(vae)
-    s = T.training_step(vae, vae, x, opt, tc)
+    s = S.training_step(vae, vae, x, opt, tc)
     assert s["skipped"] is True and float(s["grad_norm"]) > 1e-6
     assert all(torch.equal(v, before[k]) for k, v in _params(vae).items())
     # bench's `nosync` (guard="off") applies the same update unchecked
-    s = T.training_step(vae, vae, x, opt, tc, guard="off")
+    s = S.training_step(vae, vae, x, opt, tc, guard="off")
     assert s["skipped"] is False and _adam_steps(opt) == [1]
     assert any(not torch.equal(v, before[k]) for k, v in _params(vae).items())
 
@@ -191,13 +195,13 @@ def _guarded_run(cfg, guard, batches):
     seeded alike, so two guards can be compared bit for bit."""
     tc = replace(cfg.train, guard=guard, ema=0.9)
     torch.manual_seed(0)
-    vae = T.build_from_config(cfg, (3, 32, 32))
-    opt, ema = T.make_optimizer(vae, tc, fused=True), T.make_ema(vae, tc)
+    vae = V.build_from_config(cfg, (3, 32, 32))
+    opt, ema = S.make_optimizer(vae, tc, fused=True), S.make_ema(vae, tc)
     flags = []
     for b in batches:
         torch.manual_seed(1)
-        skipped = T.training_step(vae, vae, b, opt, tc)["skipped"]
-        ema.update_parameters(vae, T.applied(skipped))
+        skipped = S.training_step(vae, vae, b, opt, tc)["skipped"]
+        ema.update_parameters(vae, S.applied(skipped))
         flags.append(skipped)
     return vae, opt, ema, flags
 
@@ -233,7 +237,7 @@ def test_device_guard_decides_as_the_host_guard_without_reading_back(monkeypatch
     # the device guard skips through fused Adam's found_inf: another optimizer is refused
     _, vae, opt, x = _step_setup()
     with pytest.raises(ValueError, match="fused Adam"):
-        T.training_step(vae, vae, x, opt, replace(cfg.train, guard="device"))
+        S.training_step(vae, vae, x, opt, replace(cfg.train, guard="device"))
 
 
 def test_ema_update_is_averaged_models_with_warmup_and_skips_on_the_device():
@@ -250,7 +254,7 @@ def test_ema_update_is_averaged_models_with_warmup_and_skips_on_the_device():
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    ours, ref = T.EMA(net, 0.9), AveragedModel(net, multi_avg_fn=tf_warmup, use_buffers=True)
+    ours, ref = S.EMA(net, 0.9), AveragedModel(net, multi_avg_fn=tf_warmup, use_buffers=True)
 
     def move():
         with torch.no_grad():
@@ -311,11 +315,11 @@ def test_skipped_step_leaves_batchnorm_buffers_intact():
     bufs = {k: v.clone() for k, v in vae.named_buffers()}
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
-    assert T.training_step(vae, vae, bad, opt, cfg.train)["skipped"]
+    assert S.training_step(vae, vae, bad, opt, cfg.train)["skipped"]
     for k, v in vae.named_buffers():
         assert torch.equal(v, bufs[k]), k
     rt = D.Runtime(torch.device("cpu"))
-    assert math.isfinite(T.evaluate(vae, (x[:8] * 255).to(torch.uint8).numpy(), 8, rt)["loss"])
+    assert math.isfinite(evaluate(vae, (x[:8] * 255).to(torch.uint8).numpy(), 8, rt)["loss"])
 
 
 def _nan_batches(monkeypatch):
@@ -468,13 +472,13 @@ def test_torch_compile_wrapper_keys_load_into_a_plain_vae(tmp_path):
     # every state_dict key with _orig_mod.; load_checkpoint strips it
     cfg = cfg_for()
     torch.manual_seed(0)
-    vae = T.build_from_config(cfg, (3, 32, 32))
+    vae = V.build_from_config(cfg, (3, 32, 32))
     compiled = torch.compile(vae)
     keys = list(compiled.state_dict())
     assert keys and all(k.startswith("_orig_mod.") for k in keys)
     CK.save_checkpoint({"model": compiled.state_dict()}, tmp_path / "c.pt")
     torch.manual_seed(1)
-    plain = T.build_from_config(cfg, (3, 32, 32))
+    plain = V.build_from_config(cfg, (3, 32, 32))
     plain.load_state_dict(CK.load_checkpoint(tmp_path / "c.pt")["model"])  # strict
     for k, v in vae.state_dict().items():
         assert torch.equal(plain.state_dict()[k], v), k
@@ -503,7 +507,7 @@ def test_compiled_run_loads_into_an_uncompiled_model(tmp_path):
     for k, v in vae.state_dict().items():
         assert torch.equal(v, best[k]), k
     # the same model: its (eager) test loss is the compiled one's, up to the sampled z
-    test = T.evaluate(vae, small_load("shapes", subset=64).test.images, 500,
+    test = evaluate(vae, small_load("shapes", subset=64).test.images, 500,
                       D.Runtime(torch.device("cpu")))
     assert test["loss"] == pytest.approx(s["test_loss"], rel=1e-3)
 
@@ -632,10 +636,10 @@ def test_resume_applies_a_changed_lr(tmp_path, capsys):
 
 
 def test_warmup_and_kl_annealing_schedules():
-    assert [T.warmup_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert T.warmup_factor(0, 0) == 1.0
-    assert [T.kl_beta(s, 4) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
-    assert T.kl_beta(0, 0) == 1.0
+    assert [S.warmup_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert S.warmup_factor(0, 0) == 1.0
+    assert [S.kl_beta(s, 4) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    assert S.kl_beta(0, 0) == 1.0
 
 
 def test_free_bits_and_beta_shape_the_objective():
@@ -647,19 +651,19 @@ def test_free_bits_and_beta_shape_the_objective():
 
     vae.eval()  # fixed BN statistics: the same forward every call
     torch.manual_seed(0)
-    full = float(T.training_step(vae, vae, x, opt, cfg.train)["grad_norm"])
+    full = float(S.training_step(vae, vae, x, opt, cfg.train)["grad_norm"])
     torch.manual_seed(0)
-    no_kl = float(T.training_step(vae, vae, x, opt, cfg.train, beta=0.0)["grad_norm"])
+    no_kl = float(S.training_step(vae, vae, x, opt, cfg.train, beta=0.0)["grad_norm"])
     torch.manual_seed(0)
-    free = float(T.training_step(vae, vae, x, opt, cfg_for(free_bits=1e6).train)["grad_norm"])
+    free = float(S.training_step(vae, vae, x, opt, cfg_for(free_bits=1e6).train)["grad_norm"])
     assert no_kl != pytest.approx(full)
     assert free == pytest.approx(no_kl, rel=1e-6)
 
 
 # --- --lr-schedule cosine and --ema ---------------------------------------------------------
 def test_cosine_factor_runs_from_one_to_zero():
-    assert T.cosine_factor(0.0) == 1.0 and T.cosine_factor(0.5) == pytest.approx(0.5)
-    assert T.cosine_factor(1.0) == pytest.approx(0.0, abs=1e-12) == T.cosine_factor(7.0)
+    assert S.cosine_factor(0.0) == 1.0 and S.cosine_factor(0.5) == pytest.approx(0.5)
+    assert S.cosine_factor(1.0) == pytest.approx(0.0, abs=1e-12) == S.cosine_factor(7.0)
 
 
 def test_cosine_schedule_decays_the_lr_over_max_epochs(tmp_path):
@@ -668,7 +672,7 @@ def test_cosine_schedule_decays_the_lr_over_max_epochs(tmp_path):
     lrs = [r["lr"] for r in read_metrics(run)]  # the lr of each epoch's last update
     assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs
     # 16 updates in all; epoch k ends on update 4k - 1 (0-based)
-    assert lrs == pytest.approx([1e-3 * T.cosine_factor((4 * k - 1) / 16) for k in (1, 2, 3, 4)])
+    assert lrs == pytest.approx([1e-3 * S.cosine_factor((4 * k - 1) / 16) for k in (1, 2, 3, 4)])
 
 
 def test_cosine_with_a_plateau_schedule_is_refused():

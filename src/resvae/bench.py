@@ -20,7 +20,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,18 +28,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig, to_dict
-from .data import iterate_batches, to_input
-from .distributed import resolve_device
-from .step import (
-    applied,
-    autocast_context,
-    make_ema,
-    make_optimizer,
-    to_channels_last,
-    training_step,
-)
-from .train import _device_name, load_splits
-from .vae import build_from_config
+from .data import iterate_batches, load_splits, to_input
+from .distributed import device_name, resolve_device
+from .step import Precision, applied, prepare_model, training_step
 
 MATMUL_SIZE = 2048
 ROUNDS = 5  # each variant is timed once per round; the median round is reported
@@ -171,28 +162,25 @@ class Runner:
     def __init__(self, variant: Variant, cfg: RunConfig, images: np.ndarray,
                  device: torch.device):
         tc = self.tc = cfg.train
-        torch.manual_seed(tc.seed)  # every variant starts from the same weights
-        vae = build_from_config(cfg, tuple(images.shape[1:])).to(device)
-        if variant.channels_last:
-            to_channels_last(vae)
-        self.ema = make_ema(vae, tc)  # before compiling, as train.py does
-        if variant.compiled:
-            vae.compile()  # in place, as train.py does
-        self.variant, self.vae = variant, vae
+        self.variant = variant
         self.guard = "off" if variant.nosync else "device" if variant.devguard else "host"
-        self.opt = make_optimizer(vae, replace(tc, guard=self.guard),
-                                  fused=True if variant.fused else None)
-        self.autocast = autocast_context("bf16" if variant.bf16 else "fp32", device)
+        precision = Precision("bf16" if variant.bf16 else "fp32", variant.channels_last,
+                              device.type)
+        # training's recipe (every variant starts from the same weights), with the variant's
+        # precision, layout, compilation, Adam and guard
+        m = prepare_model(cfg, images.shape[1:], device, precision, compiled=variant.compiled,
+                          fused=True if variant.fused else None, guard=self.guard)
+        self.vae, self.ema, self.opt, self.precision = m.vae, m.ema, m.opt, m.precision
         if variant.naive:
             self.inputs = _naive_batches(images, tc.batch_size, tc.seed, device)
         else:
-            self.inputs = (to_input(b, device, variant.channels_last)
+            self.inputs = (to_input(b, device, precision.channels_last)
                            for b in _batches(images, tc.batch_size, tc.seed))
         self.skipped = 0
 
     def step(self) -> None:
         out = training_step(self.vae, self.vae, next(self.inputs), self.opt, self.tc,
-                            autocast=self.autocast, guard=self.guard)
+                            precision=self.precision, guard=self.guard)
         skipped = out["skipped"]  # a bool, or a 0-d bool tensor on the device (devguard)
         self.skipped += skipped  # (a tensor then: read once, at the end)
         if self.ema is not None:
@@ -257,12 +245,12 @@ def convs_alone(runner: Runner, device: torch.device, rounds: int = 5) -> dict:
     hooks = [m.register_forward_hook(keep) for m in convs]
     try:  # .forward: the eager module, also when the variant compiled it; with grad enabled,
         # as in the step, so each input's requires_grad says whether its gradient is needed
-        with torch.enable_grad(), runner.autocast():
+        with torch.enable_grad(), runner.precision.autocast():
             runner.vae.forward(next(runner.inputs))
     finally:
         for h in hooks:
             h.remove()
-    with torch.enable_grad(), runner.autocast():
+    with torch.enable_grad(), runner.precision.autocast():
         cases = []
         for m, x, needs in seen:
             x.requires_grad_(needs)
@@ -270,7 +258,7 @@ def convs_alone(runner: Runner, device: torch.device, rounds: int = 5) -> dict:
             cases.append((m, x, grad))
 
     def one_pass():
-        with runner.autocast():
+        with runner.precision.autocast():
             for m, x, grad in cases:
                 torch.autograd.backward(m(x), grad)
 
@@ -302,13 +290,7 @@ def bench(cfg: RunConfig, images: np.ndarray, *, seconds: float = 30.0,
     before = ceilings(device, matmul_size)
     base = runners["baseline"]  # eager fp32: FLOPs are the same network's in every variant
     flops = flops_per_image(base.vae, next(base.inputs), base.opt, tc)
-    warmup = {name: _timed(r.step, 0.0, device, WARMUP_STEPS)[1] for name, r in runners.items()}
-    rates = {name: [] for name in runners}
-    slot = seconds / (rounds * len(runners))
-    for _ in range(rounds):  # interleaved: load from elsewhere hits every variant alike
-        for name, r in runners.items():
-            steps, t = _timed(r.step, slot, device)
-            rates[name].append(steps * tc.batch_size / t)
+    warmup, rates = _time_steps(runners, device, seconds, rounds, tc.batch_size)
     data_seconds = max(0.05, 0.05 * seconds)
     data_rate = data_batches_per_s(runners[main.name].inputs, device, data_seconds)
     naive_data_rate = data_batches_per_s(runners["baseline"].inputs, device, data_seconds)
@@ -337,17 +319,36 @@ def bench(cfg: RunConfig, images: np.ndarray, *, seconds: float = 30.0,
         "peak_bf16_gflops_before": before["bf16"], "peak_bf16_gflops_after": after["bf16"],
         "matmul_size": matmul_size, "variant": main.name, "variants": per_variant,
         "batch_size": tc.batch_size, "seconds": seconds, "rounds": rounds,
-        "device": str(device), "device_name": _device_name(device),
+        "device": str(device), "device_name": device_name(device),
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "config": to_dict(cfg)}
     if profile:
-        record["profile"] = top_ops(runners[main.name], device)
-        c = convs_alone(runners[main.name], device)
-        step_ms = 1e3 * tc.batch_size / m["images_per_s"]
-        record["convs_alone"] = {**c, "step_ms": step_ms, "share_of_step": c["ms_per_step"] / step_ms,
-                                 "ratio_to_peak": c["gflops"] / peak32,
-                                 "ratio_to_bf16_peak": c["gflops"] / peak16}
+        _add_profile(record, runners[main.name], device)
     return record
+
+
+def _time_steps(runners: dict[str, Runner], device: torch.device, seconds: float, rounds: int,
+                batch_size: int) -> tuple[dict, dict]:
+    """Each runner's warm-up seconds, and its images/s in each of `rounds` interleaved rounds
+    (load from elsewhere hits every variant alike), `seconds` shared by all."""
+    warmup = {name: _timed(r.step, 0.0, device, WARMUP_STEPS)[1] for name, r in runners.items()}
+    rates = {name: [] for name in runners}
+    slot = seconds / (rounds * len(runners))
+    for _ in range(rounds):
+        for name, r in runners.items():
+            steps, t = _timed(r.step, slot, device)
+            rates[name].append(steps * batch_size / t)
+    return warmup, rates
+
+
+def _add_profile(record: dict, runner: Runner, device: torch.device) -> None:
+    """--profile: the top operators, and the convolutions timed alone beside the whole step."""
+    record["profile"] = top_ops(runner, device)
+    c = convs_alone(runner, device)
+    step_ms = 1e3 * record["batch_size"] / record["images_per_s"]
+    record["convs_alone"] = {**c, "step_ms": step_ms, "share_of_step": c["ms_per_step"] / step_ms,
+                             "ratio_to_peak": c["gflops"] / record["peak_fp32_gflops"],
+                             "ratio_to_bf16_peak": c["gflops"] / record["peak_bf16_gflops"]}
 
 
 def format_report(r: dict) -> str:

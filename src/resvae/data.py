@@ -23,13 +23,18 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from . import distributed as D
 from .files import atomic_write
+
+if TYPE_CHECKING:  # config.py imports this module (DATASETS)
+    from .config import RunConfig
 
 DATASETS = ("cifar10", "folder", "mnist", "fashion-mnist", "shapes")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -104,7 +109,7 @@ def _progress(iterable=None, **kw):
 
 def _tree_fingerprint(root: Path) -> list[int]:
     """Cheap change detector for an image folder split: [files, total bytes, max mtime_ns] of
-    root/<class>/* (the two levels `_list_images` reads; symbolic links are followed there, so a
+    root/<class>/* (the two levels `list_images` reads; symbolic links are followed there, so a
     link loop deeper down is never walked, and one at those levels is a DataError naming it)."""
     count = total = 0
     newest = root.stat().st_mtime_ns
@@ -176,7 +181,7 @@ def _fit(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def _list_images(split_dir: Path, classes: list[str] | None):
+def list_images(split_dir: Path, classes: list[str] | None):
     """(files, labels, classes) of split_dir/<class>/*; classes must match when given."""
     if not split_dir.is_dir():
         raise DataError(f"image folder split {split_dir} not found; expected layout: "
@@ -203,7 +208,7 @@ def _list_images(split_dir: Path, classes: list[str] | None):
     return files, labels, found
 
 
-def _decode_images(files: list[Path], image_size: int, expected: tuple | None, desc: str):
+def decode_images(files: list[Path], image_size: int, expected: tuple | None, desc: str):
     """Decode files into a uint8 (N, 3, S, S) array; `expected` is (size, first_file) or None."""
     out, converted = None, {}
     for i, path in enumerate(_progress(files, desc=desc, unit="img")):
@@ -243,10 +248,10 @@ def _conversion(im: Image.Image) -> str:
 
 
 def _decode_folder(root: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
-    tr_files, tr_labels, classes = _list_images(root / "train", None)
-    te_files, te_labels, _ = _list_images(root / "test", classes)
-    tr, expected = _decode_images(tr_files, image_size, None, f"decode {root / 'train'}")
-    te, _ = _decode_images(te_files, image_size, expected, f"decode {root / 'test'}")
+    tr_files, tr_labels, classes = list_images(root / "train", None)
+    te_files, te_labels, _ = list_images(root / "test", classes)
+    tr, expected = decode_images(tr_files, image_size, None, f"decode {root / 'train'}")
+    te, _ = decode_images(te_files, image_size, expected, f"decode {root / 'test'}")
     return (ImageSet(tr, np.array(tr_labels, np.int64), classes),
             ImageSet(te, np.array(te_labels, np.int64), classes))
 
@@ -621,6 +626,20 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 0,
         n_val = min(max(round(n * val_fraction), 1), n - 1)
         val, train = _take(train, np.sort(perm[:n_val])), _take(train, np.sort(perm[n_val:]))
     return Splits(train=train, val=val, test=test, name=name, source=source)
+
+
+def load_splits(cfg: RunConfig, *, download: bool = False, rt: D.Runtime | None = None) -> Splits:
+    """The train/val/test splits `cfg.data` describes: what a run trains, validates and tests on
+    (also for evaluating and sampling a saved run, which never download). With `rt` (a run's
+    processes), rank 0 decodes and fills the cache first, the others then read it."""
+    if rt is not None:
+        data = load_splits(cfg, download=download) if rt.is_main else None
+        D.barrier(rt)
+        return data or load_splits(cfg, download=download)
+    dc = cfg.data
+    return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
+                        subset=dc.subset, val_fraction=dc.val_fraction, download=download,
+                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -7,6 +7,7 @@ here and nowhere else. Everything else asks the `Runtime`.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -48,6 +49,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's name, or the CPU's with its core count: what a record says ran it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def launched_as_main() -> bool:
@@ -212,4 +220,4 @@ def convert_cpu_sync_bn(module: nn.Module) -> nn.Module:
 
 __all__ = ["Runtime", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "any_rank",
            "agree_max", "gather_to_main",
-           "barrier", "resolve_device", "CPUSyncBatchNorm", "convert_cpu_sync_bn"]
+           "barrier", "resolve_device", "device_name", "CPUSyncBatchNorm", "convert_cpu_sync_bn"]

@@ -7,7 +7,6 @@ log-probabilities (the VAE does that even under bf16 autocast).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -17,15 +16,16 @@ from torch import nn
 
 from . import distributed as D
 from .checkpoints import load_run
-from .data import Splits, to_input
+from .data import Splits, load_splits, to_input
 from .likelihoods import bits_per_dim
 from .runs import RunDir, write_json
+from .step import FP32, Precision
 from .vae import VAE, eval_mode
 
 
 @torch.no_grad()
 def evaluate(vae: VAE, images: np.ndarray, batch_size: int, rt: D.Runtime,
-             channels_last: bool = False, autocast=contextlib.nullcontext) -> dict:
+             precision: Precision = FP32) -> dict:
     """Mean negative ELBO and its parts over `images`, exact across DDP ranks (rank r takes every
     world_size-th image; sums and counts are all-reduced, no padding is double counted)."""
     shard = images[rt.rank::rt.world_size]
@@ -34,8 +34,8 @@ def evaluate(vae: VAE, images: np.ndarray, batch_size: int, rt: D.Runtime,
     with eval_mode(vae):
         for start in range(0, len(shard), batch_size):
             x = to_input(torch.from_numpy(shard[start:start + batch_size]), rt.device,
-                         channels_last)
-            with autocast():
+                         precision.channels_last)
+            with precision.autocast():
                 out = vae(x)
             sums[:-1] += torch.stack([out[k].double().sum() for k in keys])
             sums[-1] += x.shape[0]
@@ -45,8 +45,7 @@ def evaluate(vae: VAE, images: np.ndarray, batch_size: int, rt: D.Runtime,
 
 @torch.no_grad()
 def recalibrate_batchnorm(vae: VAE, images: np.ndarray, batches: int, batch_size: int,
-                          device, channels_last: bool = False, autocast=contextlib.nullcontext,
-                          seed: int = 0) -> None:
+                          device, precision: Precision = FP32, seed: int = 0) -> None:
     """Precise BN (Wu & Johnson 2021): replace every BatchNorm's running statistics by their
     average over `batches` training batches, computed with the current weights.
 
@@ -71,11 +70,11 @@ def recalibrate_batchnorm(vae: VAE, images: np.ndarray, batches: int, batch_size
     vae.train()
     try:
         for start in range(0, n, batch_size):
-            with autocast():
+            with precision.autocast():
                 # vae.forward, not vae(...): under --compile the compiled graph was traced with
                 # the training momentum and must not be reused (or retraced) for this pass
                 vae.forward(to_input(torch.from_numpy(pick[start:start + batch_size]), device,
-                                     channels_last))
+                                     precision.channels_last))
     finally:
         vae.train(was_training)
         for m, momentum in zip(bns, momenta):
@@ -150,7 +149,6 @@ def eval_run(run_dir: str | Path, *, k: int = 1000, split: str = "test", n: int 
         raise ValueError(f"--k must be >= 1, got {k}")
     vae, cfg = load_run(run_dir, which=which, device=device)
     if data is None:
-        from .train import load_splits  # (train imports this module)
         data = load_splits(cfg)
     images = getattr(data, split).images
     if n > 0:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .checkpoints import load_run
-from .data import to_input
+from .data import load_splits, to_input
 from .files import atomic_write
 from .runs import RunDir
 from .vae import VAE, eval_mode
@@ -82,7 +82,6 @@ def save_epoch_grids(vae: VAE, val_images: np.ndarray, run: RunDir, epoch: int) 
 
 
 def _run_images(cfg, split: str) -> np.ndarray:
-    from .train import load_splits  # (train imports this module)
     return getattr(load_splits(cfg), split).images
 
 

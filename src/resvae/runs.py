@@ -25,17 +25,25 @@ what is in checkpoints/.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import shutil
 import socket
+import subprocess
 import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
+from . import __version__
+from . import distributed as D
 from .config import ConfigError, RunConfig, from_dict, resolve, to_dict
 from .files import DiskFullError, atomic_write, disk_full_is_named
+from .vae import VAE, model_info
 
 try:
     import fcntl
@@ -434,3 +442,35 @@ __all__ = ["RunDir", "SweepDir", "read_metrics", "read_summary", "read_config", 
            "resume_config", "check_fresh", "resume_checkpoint", "read_history", "start_history",
            "end_history", "remove_stale_temps", "holds_run", "clear_run", "RunLock", "RunLocked",
            "DiskFullError"]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def what_ran(vae: VAE, rt: D.Runtime, argv) -> dict:
+    """The model's size and cost, and the software and machine that trained it (summary.json)."""
+    info = model_info(vae)
+    return {"layers": info["layers"], "params": info["params"],
+            "flops_per_image": info["flops"], "resvae_version": __version__,
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "device": D.device_name(rt.device), "git_commit": git_commit(), "command": argv}
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of resvae's own source, with '+dirty' for uncommitted changes; None when it is
+    not a git checkout (an installed wheel). Cached: read when the first run of a process starts,
+    which is the code that process imported, even if the checkout moves on during a long sweep."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+__all__ += ["what_ran", "git_commit"]

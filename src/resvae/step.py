@@ -1,19 +1,19 @@
 """One training update and what it is made of: Adam (`make_optimizer`), the lr warm-up and
-cosine factors, the KL weight, the EMA of the weights, precision and memory layout, and
-`training_step` with its skip guard. `train.py` runs these in its loop; `resvae bench` times
-the same step.
+cosine factors, the KL weight, the EMA of the weights, `Precision` (autocast and memory layout),
+`prepare_model` (the one recipe that readies a model for training) and `training_step` with its
+skip guard. `train.py` runs these in its loop; `resvae bench` times the same step.
 """
-
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
 from . import distributed as D
-from .vae import VAE
+from .vae import VAE, build_from_config
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -93,11 +93,65 @@ def to_channels_last(vae: torch.nn.Module) -> torch.nn.Module:
     return vae
 
 
-def autocast_context(precision: str, device: torch.device):
-    """A callable giving the forward's autocast context: bf16 autocast, or none for fp32."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+@dataclass(frozen=True)
+class Precision:
+    """How the model computes and lays out its tensors, as one value: `dtype` "bf16" (autocast
+    of the forward) or "fp32", and `channels_last` (NHWC weights and inputs)."""
+
+    dtype: str = "fp32"
+    channels_last: bool = False
+    device_type: str = "cpu"  # autocast's device type
+
+    @classmethod
+    def of(cls, tc, device: torch.device) -> Precision:
+        """--precision and --channels-last of TrainConfig `tc`, on `device`."""
+        return cls(tc.precision, tc.channels_last, device.type)
+
+    def autocast(self):
+        """The forward's autocast context: bf16 autocast, or none for fp32."""
+        if self.dtype == "bf16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+FP32 = Precision()  # eager float32, NCHW
+
+
+@dataclass
+class Prepared:
+    """A model made ready to train by `prepare_model`."""
+
+    model: torch.nn.Module  # what the step calls: DDP-wrapped under torchrun, else `vae`
+    vae: VAE  # the module itself (inside DDP), compiled in place with --compile
+    ema: EMA | None
+    opt: torch.optim.Adam
+    precision: Precision
+
+
+def prepare_model(cfg, image_shape: tuple, device: torch.device, precision: Precision, *,
+                  rt: D.Runtime | None = None, compiled: bool | None = None,
+                  fused: bool | None = None, guard: str | None = None) -> Prepared:
+    """The one recipe `train` and `resvae bench` ready a model by: built from `cfg` after
+    seeding (the same init on every rank, and in every bench variant), in `precision`'s layout,
+    DDP-wrapped when given a runtime `rt`, its --ema average, compiled in place (`compiled`,
+    default --compile), and its Adam (`fused` and `guard` as `make_optimizer` and
+    `training_step` take them; default --guard)."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    vae = build_from_config(cfg, tuple(image_shape)).to(device)
+    if precision.channels_last:
+        to_channels_last(vae)
+    model = vae
+    if rt is not None:
+        model = D.wrap(vae, rt, tc.sync_bn)
+        vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
+    ema = make_ema(vae, tc)  # before vae.compile() below
+    if tc.compile if compiled is None else compiled:
+        # In place: the forward (training and evaluation, through DDP too) is compiled, while
+        # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
+        vae.compile()
+    opt = make_optimizer(vae, tc if guard is None else replace(tc, guard=guard), fused=fused)
+    return Prepared(model, vae, ema, opt, precision)
 
 
 def _by_dtype(dst: list[torch.Tensor], src: list[torch.Tensor]
@@ -127,7 +181,7 @@ def applied(skipped: bool | torch.Tensor) -> bool | torch.Tensor:
 
 def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
                   opt: torch.optim.Optimizer, cfg, *, beta: float = 1.0,
-                  autocast=contextlib.nullcontext, rt: D.Runtime | None = None,
+                  precision: Precision = FP32, rt: D.Runtime | None = None,
                   guard: str | None = None) -> dict:
     """One update. A non-finite loss or gradient norm (or one above `skip_threshold`) skips the
     update instead of poisoning the weights (VDVAE's guard); the caller counts skips. `guard`
@@ -150,7 +204,19 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     buffers = list(vae.buffers())  # BN running stats, restored on a skip
     saved = [torch.empty_like(b) for b in buffers]
     _copy_all(saved, buffers)
-    with autocast():
+    out, norm, ok = _backward(model, vae, x, cfg, beta, precision)
+    if guard == "device":
+        skipped = _step_on_device(opt, ok, buffers, saved, rt)
+    else:
+        skipped = _step_on_host(opt, ok, buffers, saved, rt, guard)
+    stats = {k: out[k].detach().mean() for k in ("loss", "rate", "distortion")}
+    return {**stats, "grad_norm": norm.detach(), "skipped": skipped}
+
+
+def _backward(model, vae: VAE, x: torch.Tensor, cfg, beta: float, precision: Precision):
+    """Forward, the objective's gradients, clipping: (the forward's output, the gradient norm,
+    whether the update may be applied as a 0-d bool tensor on the device)."""
+    with precision.autocast():
         out = model(x)
     rate = out["kl"].mean(0)  # (L,) nats per latent dim, batch mean
     if cfg.free_bits > 0:  # free bits (Kingma et al. 2016): no pressure below lambda per dim
@@ -162,28 +228,37 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     ok = torch.isfinite(objective) & torch.isfinite(norm)
     if cfg.skip_threshold > 0:  # compared in float64, as a Python float would be
         ok &= norm.double() < cfg.skip_threshold
-    if guard == "device":
-        if rt is not None:
-            ok = D.all_ranks(ok, rt)  # every rank skips together, still on the device
-        opt.found_inf = (~ok).float()
-        try:
-            opt.step()
-        finally:
-            opt.found_inf = None
-        with torch.no_grad():  # the forward pass already moved the BN running statistics
-            for b, old in zip(buffers, saved):
-                b.copy_(torch.where(ok, b, old))
-        skipped = ~ok
+    return out, norm, ok
+
+
+def _step_on_device(opt, ok: torch.Tensor, buffers: list, saved: list,
+                    rt: D.Runtime | None) -> torch.Tensor:
+    """--guard device: fused Adam's found_inf skips the update, the BN buffers are put back
+    with torch.where; no host read. Returns `skipped`, a 0-d bool tensor."""
+    if rt is not None:
+        ok = D.all_ranks(ok, rt)  # every rank skips together, still on the device
+    opt.found_inf = (~ok).float()
+    try:
+        opt.step()
+    finally:
+        opt.found_inf = None
+    with torch.no_grad():  # the forward pass already moved the BN running statistics
+        for b, old in zip(buffers, saved):
+            b.copy_(torch.where(ok, b, old))
+    return ~ok
+
+
+def _step_on_host(opt, ok: torch.Tensor, buffers: list, saved: list, rt: D.Runtime | None,
+                  guard: str) -> bool:
+    """--guard host (one host sync: whether to update) or "off" (always update). Returns
+    `skipped`, a bool."""
+    ok = bool(ok) if guard == "host" else True
+    if rt is not None:
+        ok = not D.any_rank(not ok, rt)  # every rank skips together
+    if ok:
+        opt.step()
     else:
-        ok = bool(ok) if guard == "host" else True  # the one host sync: whether to update
-        if rt is not None:
-            ok = not D.any_rank(not ok, rt)  # every rank skips together
-        if ok:
-            opt.step()
-        else:
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                _copy_all(buffers, saved)
-        skipped = not ok
-    stats = {k: out[k].detach().mean() for k in ("loss", "rate", "distortion")}
-    return {**stats, "grad_norm": norm.detach(), "skipped": skipped}
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            _copy_all(buffers, saved)
+    return not ok

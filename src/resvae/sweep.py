@@ -157,14 +157,16 @@ def run_one(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec, *, data
     """Train (or resume, or skip) one run in this process, then evaluate it; returns what
     happened: 'trained', 'resumed' or 'skipped'."""
     from . import distributed as D
+    from .data import load_splits  # the loader honours the data config like `resvae train`
     from .evaluate import eval_run
     from .stops import SIGNAL_STOPS
-    from .train import _load, train  # the loader honours the data config like `resvae train`
+    from .train import train
 
     run = SweepDir(sweep_dir).run(name)
     key = json.dumps([to_dict(cfg)["data"], cfg.train.seed])  # runs share decoded data
     if key not in data_cache:
-        data_cache[key] = _load(cfg, D.Runtime(D.resolve_device("cpu")))
+        data_cache[key] = load_splits(cfg, download=cfg.data.download,
+                                      rt=D.Runtime(D.resolve_device("cpu")))
     data = data_cache[key]
     if is_finished(run.root):
         _same_model(run, cfg)

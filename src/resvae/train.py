@@ -1,30 +1,26 @@
 """Training: one readable loop, `train(cfg, out_dir)`.
 
-The loop reads top to bottom: `_setup` (data, model, optimizer, or a checkpoint to resume),
-then per epoch `train_epoch` (the updates) and `end_epoch` (validate, schedule, record,
-checkpoint), then `finish` (test ELBO with the best weights, summary). `TrainState` is exactly
-what a checkpoint holds. Where files go is `runs.py`'s business; evaluation is `evaluate.py`'s,
-images are `generate.py`'s.
+The loop reads top to bottom: `_setup` (data, the model `step.prepare_model` readies, or a
+checkpoint to resume), then per epoch `train_epoch` (the updates) and `end_epoch` (validate,
+schedule, record, checkpoint), then `finish` (test ELBO with the best weights, summary). What a
+checkpoint holds is `state.py`'s; one update is `step.py`'s; where files go is `runs.py`'s;
+evaluation is `evaluate.py`'s, images are `generate.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import __version__
 from . import distributed as D
 from .callbacks import TensorBoard, notify, summary_writer
 from .checkpoints import (
@@ -33,73 +29,50 @@ from .checkpoints import (
     save_checkpoint,
     save_weights,
 )
-from .config import ConfigError, RunConfig, parse_budget, parse_every, save_json, to_dict
-from .data import Splits, iterate_batches, load_dataset, num_batches, to_input
+from .config import ConfigError, RunConfig, parse_budget, parse_every, save_json
+from .data import Splits, iterate_batches, load_splits, num_batches, to_input
 from .evaluate import evaluate, recalibrate_batchnorm
 from .generate import save_epoch_grids
 from .runs import (
     RunDir,
     append_metrics,
     clear_run,
-    config_differences,
     end_history,
+    git_commit,
     keep_metrics,
     read_metrics,
     remove_stale_temps,
     resume_checkpoint,
     start_history,
+    what_ran,
     write_json,
 )
+from .state import (
+    STEP_KEYS,
+    EarlyStopping,
+    Epoch,
+    TrainState,
+    Window,
+    check_resumable,
+    epoch_seed,
+    make_plateau,
+)
 from .step import (
-    EMA,
+    Precision,
     applied,
-    autocast_context,
     cosine_factor,
     kl_beta,
-    make_ema,
-    make_optimizer,
-    to_channels_last,
+    prepare_model,
     training_step,
     warmup_factor,
 )
 from .stops import SIGNAL_STOPS, StopSignals
-from .vae import VAE, build_from_config, model_info
 
-
-@dataclass
-class EarlyStopping:
-    """Keras' EarlyStopping: stop after `patience` epochs without a gain larger than `min_delta`."""
-
-    patience: int = 0
-    min_delta: float = 0.0
-    best: float = math.inf
-    wait: int = 0
-
-    def step(self, value: float) -> bool:
-        """Record an epoch's validation loss; return True when it is an improvement."""
-        if value < self.best - self.min_delta:
-            self.best, self.wait = value, 0
-            return True
-        self.wait += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.wait >= self.patience
-
-
-def make_plateau(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    # Keras reduces after `patience` bad epochs, PyTorch after patience + 1: shift by one so the
-    # study presets' "patience 25" means what it meant in the study. Keras' min_delta 1e-4 is absolute.
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=cfg.plateau_factor, patience=max(cfg.plateau_patience - 1, 0),
-        threshold=1e-4, threshold_mode="abs", min_lr=cfg.min_lr, eps=0.0)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    # Reseeding every epoch from (seed, epoch, rank) makes the noise of epoch k independent of what
-    # ran before it, so a resumed run replays exactly and each DDP rank draws its own noise.
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+# Under torchrun the ranks agree on stops (signal, budget) and time-based checkpoints every this
+# many updates: one small collective, instead of one more host sync per update.
+POLL_EVERY = 10
+# Under --guard device the skips are read back (and --max-skips checked) at least this often.
+SETTLE_EVERY = 50
 
 
 def _want_bar() -> bool:
@@ -120,97 +93,6 @@ def _fmt(record: dict) -> str:
     return "  ".join(parts) + (f"  skipped {record['skipped']}" if record["skipped"] else "")
 
 
-
-
-@dataclass
-class TrainState:
-    """Everything a run needs to continue exactly: the live objects and the counters.
-    `checkpoint()` and `restore()` are the two directions of one checkpoint dict. `progress` is
-    where an epoch stood when the checkpoint was taken inside it (None at an epoch's end):
-    `train_epoch` continues that epoch from there."""
-
-    vae: VAE
-    opt: torch.optim.Optimizer
-    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau
-    early: EarlyStopping
-    ema: EMA | None = None  # --ema: the weights that are evaluated and saved
-    epoch: int = 0  # epochs completed
-    step: int = 0
-    best_epoch: int = 0
-    skipped_total: int = 0
-    train_seconds: float = 0.0
-    images_seen: int = 0
-    consecutive_skips: int = 0  # across epoch boundaries: a NaN storm does not reset at one
-    progress: dict | None = None
-    COUNTERS = ("epoch", "step", "best_epoch", "skipped_total", "train_seconds", "images_seen",
-                "consecutive_skips")
-
-    @property
-    def eval_vae(self) -> VAE:
-        """The module validation, test, samples and saved weights use."""
-        return self.ema.module if self.ema is not None else self.vae
-
-    def checkpoint(self, cfg: RunConfig, image_shape, argv, *, progress: dict | None = None,
-                   finite: bool = True) -> dict:
-        """The checkpoint dict; `progress` for one taken inside an epoch, `finite` False for a
-        state that diverged (it never replaces a finite last.pt)."""
-        ema = {} if self.ema is None else {"ema": self.ema.module.state_dict(),
-                                           "ema_updates": int(self.ema.n_averaged)}
-        opt = self.opt.state_dict()  # (fresh param_group dicts: patching them changes nothing)
-        if progress is not None:  # the epoch's lr, not the schedule's value at this update
-            for g in opt["param_groups"]:
-                g["lr"] = progress["peak_lr"]
-        return {"model": self.vae.state_dict(), **ema, "optimizer": opt,
-                "plateau": self.plateau.state_dict(), "early": asdict(self.early),
-                **{k: getattr(self, k) for k in self.COUNTERS},
-                "progress": progress, "finite": finite,
-                "config": to_dict(cfg), "image_shape": list(image_shape), "argv": list(argv or [])}
-
-    def restore(self, ckpt: dict, cfg: RunConfig, log) -> None:
-        self.vae.load_state_dict(ckpt["model"])
-        if self.ema is not None:  # a run resumed with --ema that had none starts it afresh
-            self.ema.module.load_state_dict(ckpt.get("ema", ckpt["model"]))
-            self.ema.n_averaged.fill_(ckpt.get("ema_updates", 0))
-        # Adam's implementation (fused or not) is this run's choice, not the checkpoint's:
-        # --guard device skips through fused Adam's found_inf, which the others ignore.
-        saved = ckpt["optimizer"]
-        self.opt.load_state_dict({**saved, "param_groups": [
-            {**old, "fused": new["fused"], "foreach": new["foreach"]}
-            for old, new in zip(saved["param_groups"], self.opt.param_groups)]})
-        # The optimizer's state carries the old hyper-parameters: a changed --lr / --betas /
-        # --weight-decay on resume is applied on purpose, not silently dropped.
-        was, tc = ckpt["config"]["train"], cfg.train
-        for key, value in (("lr", tc.lr), ("betas", tuple(tc.betas)),
-                           ("weight_decay", tc.weight_decay)):
-            if (tuple(was[key]) if key == "betas" else was[key]) != value:
-                for g in self.opt.param_groups:
-                    g[key] = value
-                log(f"resvae: resume: {key} {was[key]} -> {value}")
-        self.plateau.load_state_dict(ckpt["plateau"])
-        self.early = EarlyStopping(**ckpt["early"])
-        for k in self.COUNTERS:  # keys absent from checkpoints older than them keep defaults
-            setattr(self, k, ckpt.get(k, getattr(self, k)))
-        self.progress = ckpt.get("progress")
-
-
-STEP_KEYS = ("loss", "rate", "distortion", "grad_norm")  # what training_step sums on the device
-# Under torchrun the ranks agree on stops (signal, budget) and time-based checkpoints every this
-# many updates: one small collective, instead of one more host sync per update.
-POLL_EVERY = 10
-# Under --guard device the skips are read back (and --max-skips checked) at least this often.
-SETTLE_EVERY = 50
-
-
-@dataclass
-class Window:
-    """The per-update numbers (STEP_KEYS) of applied updates since the last log step, summed on
-    the device in float64: reading them back is one sync every `log_every` updates."""
-
-    sums: torch.Tensor
-    n_ok: int = 0
-    skipped: int = 0
-
-
 @dataclass
 class Session:
     """What one invocation works with (runtime, not config: never saved)."""
@@ -220,7 +102,7 @@ class Session:
     run: RunDir
     data: Splits
     model: torch.nn.Module  # the VAE, DDP-wrapped when distributed
-    autocast: object
+    precision: Precision
     bar: bool
     argv: list | None
     t_start: float = field(default_factory=time.monotonic)
@@ -301,22 +183,6 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
         D.teardown(rt)
 
 
-def load_splits(cfg: RunConfig, *, download: bool = False) -> Splits:
-    """The train/val/test splits `cfg.data` describes: what a run trains, validates and tests on
-    (also for evaluating and sampling a saved run, which never download)."""
-    dc = cfg.data
-    return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
-                        subset=dc.subset, val_fraction=dc.val_fraction, download=download,
-                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
-
-
-def _load(cfg: RunConfig, rt: D.Runtime) -> Splits:
-    # rank 0 decodes and fills the cache first, the others then read it
-    data = load_splits(cfg, download=cfg.data.download) if rt.is_main else None
-    D.barrier(rt)
-    return data or load_splits(cfg, download=cfg.data.download)
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -328,62 +194,22 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     tc = cfg.train
     if tc.tensorboard:
         summary_writer()  # on every rank, before any work: a missing package is an error now
-    data = data if data is not None else _load(cfg, rt)
-    torch.manual_seed(tc.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    vae = build_from_config(cfg, tuple(data.train.images.shape[1:])).to(rt.device)
-    if tc.channels_last:
-        to_channels_last(vae)
-    model = D.wrap(vae, rt, tc.sync_bn)
-    vae = D.unwrap(model)  # the module inside DDP (SyncBN conversion may have replaced BNs)
-    ema = make_ema(vae, tc)  # before vae.compile() below
-    if tc.compile:
-        # In place: the forward (training and evaluation, through DDP too) is compiled, while
-        # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
-        vae.compile()
-    opt = make_optimizer(vae, tc)
-    state = TrainState(vae, opt, make_plateau(opt, tc), EarlyStopping(tc.patience, tc.min_delta),
-                       ema)
-    autocast = autocast_context(tc.precision, rt.device)
-    s = Session(cfg, rt, run, data, model, autocast,
+    data = data if data is not None else load_splits(cfg, download=cfg.data.download, rt=rt)
+    m = prepare_model(cfg, data.train.images.shape[1:], rt.device,
+                      Precision.of(tc, rt.device), rt=rt)
+    state = TrainState(m.vae, m.opt, make_plateau(m.opt, tc),
+                       EarlyStopping(tc.patience, tc.min_delta), m.ema)
+    s = Session(cfg, rt, run, data, m.model, m.precision,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
-                budget=parse_budget(tc.budget), every=parse_every(tc.checkpoint_every),
+                budget=parse_budget(tc.budget),
+                every=parse_every(tc.checkpoint_every),
                 window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
     _check_batches(s)  # before anything is written
-    resumed = None
-    if resume:
-        path = resume_checkpoint(run.root, resume_from)
-        ckpt = load_resume_checkpoint(path, s.image_shape, map_location=rt.device)
-        _check_resumable(ckpt, path, cfg, rt)
-        state.restore(ckpt, cfg, s.log)
-        s.saved_finite, s.saved_at = ckpt.get("finite", True), (state.epoch, state.step)
-        s.best_weights = load_best_weights(run, ckpt, s.log)
-        if state.progress is not None and state.progress["batches"] != _batches_per_epoch(s):
-            raise ConfigError(f"--resume {path}: written inside an epoch of "
-                              f"{state.progress['batches']} batches; this run's epochs have "
-                              f"{_batches_per_epoch(s)} (a changed --batch-size or data): resume "
-                              "it with the settings it was written with")
-        resumed = {"checkpoint": str(path), "epoch": state.epoch, "step": state.step,
-                   "inside_epoch": state.progress is not None}
+    resumed = _resume(s, state, resume_from) if resume else None
     s.train_seconds_at_start = state.train_seconds
     git_commit()  # now, not when the run ends (see there)
     if rt.is_main:
-        if replace:
-            clear_run(run.root)
-        run.root.mkdir(parents=True, exist_ok=True)
-        for folder in (run.root, run.checkpoint("last").parent):
-            remove_stale_temps(folder)
-        save_json(cfg, run.config)
-        if argv is not None and not run.argv.exists():  # the command that started the run
-            write_json(run.argv, argv)
-        s.invocation = start_history(run.root, {
-            "argv": argv, "started": _now(), "resumed_from": resumed, "pid": os.getpid(),
-            "host": platform.node(), "world_size": rt.world_size})
-        keep_metrics(run.root, state.epoch)
-        s.callbacks = list(callbacks)
-        if tc.tensorboard:
-            # events after the checkpoint's step (a crashed run's) are dropped; its own stay
-            s.callbacks.append(TensorBoard(run, cfg, purge_step=state.step + 1 if resume
-                                           else None))
+        _open_run(s, state, resumed, callbacks, replace)
     where = ""
     if resume:
         where = f"; resuming after epoch {state.epoch}" if state.progress is None else (
@@ -393,6 +219,48 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
           f"run dir {run.root}" + where)
     return s, state
+
+
+def _resume(s: Session, state: TrainState, resume_from: str) -> dict:
+    """Load the checkpoint `resume_from` names into `state`; returns where it resumed from."""
+    run, rt, cfg = s.run, s.rt, s.cfg
+    path = resume_checkpoint(run.root, resume_from)
+    ckpt = load_resume_checkpoint(path, s.image_shape, map_location=rt.device)
+    check_resumable(ckpt, path, cfg, rt.world_size)
+    state.restore(ckpt, cfg, s.log)
+    s.saved_finite, s.saved_at = ckpt.get("finite", True), (state.epoch, state.step)
+    s.best_weights = load_best_weights(run, ckpt, s.log)
+    if state.progress is not None and state.progress["batches"] != _batches_per_epoch(s):
+        raise ConfigError(f"--resume {path}: written inside an epoch of "
+                          f"{state.progress['batches']} batches; this run's epochs have "
+                          f"{_batches_per_epoch(s)} (a changed --batch-size or data): resume "
+                          "it with the settings it was written with")
+    return {"checkpoint": str(path), "epoch": state.epoch, "step": state.step,
+            "inside_epoch": state.progress is not None}
+
+
+def _open_run(s: Session, state: TrainState, resumed: dict | None, callbacks,
+              replace: bool) -> None:
+    """Rank 0's first writes: the run directory, config.json, argv.json, this invocation's
+    entry in history.jsonl; the callbacks."""
+    run, cfg, argv = s.run, s.cfg, s.argv
+    if replace:
+        clear_run(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    for folder in (run.root, run.checkpoint("last").parent):
+        remove_stale_temps(folder)
+    save_json(cfg, run.config)
+    if argv is not None and not run.argv.exists():  # the command that started the run
+        write_json(run.argv, argv)
+    s.invocation = start_history(run.root, {
+        "argv": argv, "started": _now(), "resumed_from": resumed, "pid": os.getpid(),
+        "host": platform.node(), "world_size": s.rt.world_size})
+    keep_metrics(run.root, state.epoch)
+    s.callbacks = list(callbacks)
+    if cfg.train.tensorboard:
+        # events after the checkpoint's step (a crashed run's) are dropped; its own stay
+        s.callbacks.append(TensorBoard(run, cfg, purge_step=state.step + 1 if resumed is not None
+                                       else None))
 
 
 def _check_batches(s: Session) -> None:
@@ -408,57 +276,11 @@ def _check_batches(s: Session) -> None:
                          "image(s) here)")
 
 
-def _check_resumable(ckpt: dict, path: Path, cfg: RunConfig, rt: D.Runtime) -> None:
-    """A checkpoint of another model, or one taken inside an epoch by another number of
-    processes (its data shards and noise are per rank), cannot continue this run."""
-    if config_differences(ckpt.get("config", {}), cfg, ["model"]):
-        raise ConfigError(f"--resume-from {path}: a checkpoint of another model than this run's "
-                          "config.json")
-    p = ckpt.get("progress")
-    if p is not None and p["world_size"] != rt.world_size:
-        raise ConfigError(f"--resume {path}: written inside epoch {ckpt['epoch'] + 1} by "
-                          f"{p['world_size']} process(es); resume it with as many (torchrun "
-                          f"--nproc_per_node {p['world_size']}), this is {rt.world_size}")
-
-
 def _batches_per_epoch(s: Session) -> int:
     # drop_last: a 1-image tail batch would break BatchNorm (and is a noisy step anyway); the
     # images left out differ every epoch because the order is reshuffled.
     return num_batches(len(s.data.train), s.cfg.train.batch_size, world_size=s.rt.world_size,
                        drop_last=True)
-
-
-@dataclass
-class Epoch:
-    """One pass of updates so far: what `end_epoch` reports, and what a checkpoint taken inside
-    the epoch carries to continue it exactly."""
-
-    sums: torch.Tensor  # loss, rate, distortion summed over the applied updates (float64, device)
-    peak_lr: float  # what the plateau schedule set; warm-up and --lr-schedule scale it
-    batches: int  # in the whole epoch
-    last_lr: float = 0.0  # the lr of the epoch's last update
-    batch: int = 0  # batches done
-    n_ok: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    images: int = 0
-    stop_reason: str | None = None
-    progress: dict | None = None  # the checkpoint of the cut, for a cut epoch
-
-    @property
-    def complete(self) -> bool:
-        return self.batch == self.batches
-
-
-def _rng_state(device: torch.device) -> dict:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _set_rng_state(rng: dict, device: torch.device) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if rng.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def _begin_epoch(s: Session, state: TrainState) -> Epoch:
@@ -472,14 +294,7 @@ def _begin_epoch(s: Session, state: TrainState) -> Epoch:
     if p is None:
         torch.manual_seed(epoch_seed(tc.seed, state.epoch, rt.rank))
         return ep
-    _set_rng_state(p["rng"][rt.rank], rt.device)
-    # sums were saved summed over ranks: each rank takes its share, so the all-reduced means
-    # at the epoch's end come out the same
-    ep.sums = p["sums"].to(rt.device) / rt.world_size
-    ep.batch, ep.n_ok, ep.skipped = p["batch"], p["n_ok"], p["skipped"]
-    ep.seconds, ep.images, ep.last_lr = p["seconds"], p["images"], p["last_lr"]
-    w = p["window"]
-    s.window = Window(w["sums"].to(rt.device) / rt.world_size, w["n_ok"], w["skipped"])
+    s.window = ep.continue_from(p, rt)
     return ep
 
 
@@ -505,55 +320,30 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
     checkpoint inside the epoch when due; stops early on a signal, the budget or too many
     non-finite updates in a row. A checkpoint is written at a cut (not after a non-finite one),
     so the pass continues there on resume."""
-    tc, rt, opt = s.cfg.train, s.rt, state.opt
+    tc, rt = s.cfg.train, s.rt
     ep = _begin_epoch(s, state)
     s.model.train()
     t0 = time.monotonic()
     pending: list = []  # each update's `skipped` since the last settle()
-    bar = None
-    if s.bar:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=ep.batches, initial=ep.batch, desc=f"epoch {state.epoch + 1}",
-                   leave=False)
+    bar = _progress_bar(s, state, ep)
     for batch in iterate_batches(s.data.train.images, tc.batch_size, shuffle=True, seed=tc.seed,
                                  epoch=state.epoch, rank=rt.rank, world_size=rt.world_size,
                                  drop_last=True, start=ep.batch):
-        lr = ep.peak_lr * warmup_factor(state.step, tc.warmup_steps)
-        lr *= schedule_factor(s, state)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ep.last_lr = lr
+        lr = _set_lr(s, state, ep)
         beta = kl_beta(state.step, tc.kl_anneal_steps)
-        x = to_input(batch, rt.device, tc.channels_last)
-        out = training_step(s.model, state.vae, x, opt, tc, beta=beta, autocast=s.autocast,
-                            rt=rt)
-        state.step += 1
-        ep.batch += 1
-        ep.images += x.shape[0] * rt.world_size
-        skipped = out["skipped"]  # a bool, or a 0-d bool tensor on the device (--guard device)
-        pending.append(skipped)
-        ok = applied(skipped)
-        if ok is not False:
-            if state.ema is not None:
-                state.ema.update_parameters(state.vae, ok)
-            # summed on the device, no sync: float32 batch means added in float64
-            values = torch.stack([out[k].double() for k in STEP_KEYS])
-            if ok is not True:
-                values = torch.where(ok, values, 0.0)  # a skipped update adds nothing
-            ep.sums += values[:3]
-            s.window.sums += values
+        x = to_input(batch, rt.device, s.precision.channels_last)
+        out = training_step(s.model, state.vae, x, state.opt, tc, beta=beta,
+                            precision=s.precision, rt=rt)
+        _count_update(s, state, ep, out, x.shape[0] * rt.world_size)
+        pending.append(out["skipped"])
         log_due = tc.log_every > 0 and state.step % tc.log_every == 0
-        if (isinstance(skipped, bool) or log_due or ep.complete
+        if (isinstance(out["skipped"], bool) or log_due or ep.complete
                 or len(pending) >= SETTLE_EVERY) and settle(s, state, ep, pending):
             ep.stop_reason = "non_finite"  # no checkpoint of a diverged state
             break
         if log_due:
             stats = log_step(s, state, lr=lr, beta=beta)
-            if bar is not None and stats["loss"] is not None:
-                bar.set_postfix(loss=f"{stats['loss']:.1f}", rate=f"{stats['rate']:.1f}",
-                                dist=f"{stats['distortion']:.1f}",
-                                img_s=f"{ep.images / max(time.monotonic() - t0, 1e-9):.0f}",
-                                refresh=False)
+            _show(bar, stats, ep.images / max(time.monotonic() - t0, 1e-9))
         if bar is not None:
             bar.update()
         stop, due = poll(s, state)
@@ -571,17 +361,65 @@ def train_epoch(s: Session, state: TrainState) -> Epoch:
         bar.close()
     if settle(s, state, ep, pending) and ep.stop_reason is None:  # (only if the data ran short)
         ep.stop_reason = "non_finite"
-    for g in opt.param_groups:
+    _end_pass(s, state, ep, time.monotonic() - t0)
+    return ep
+
+
+def _set_lr(s: Session, state: TrainState, ep: Epoch) -> float:
+    """This update's lr: the epoch's (the plateau schedule's) times warm-up and --lr-schedule."""
+    lr = ep.peak_lr * warmup_factor(state.step, s.cfg.train.warmup_steps)
+    lr *= schedule_factor(s, state)
+    for g in state.opt.param_groups:
+        g["lr"] = lr
+    ep.last_lr = lr
+    return lr
+
+
+def _count_update(s: Session, state: TrainState, ep: Epoch, out: dict, images: int) -> None:
+    """Count an update that ran, average it into --ema and add its numbers to the epoch's and
+    the window's sums (on the device: no sync)."""
+    state.step += 1
+    ep.batch += 1
+    ep.images += images
+    ok = applied(out["skipped"])  # a bool, or a 0-d bool tensor on the device (--guard device)
+    if ok is False:
+        return
+    if state.ema is not None:
+        state.ema.update_parameters(state.vae, ok)
+    # summed on the device, no sync: float32 batch means added in float64
+    values = torch.stack([out[k].double() for k in STEP_KEYS])
+    if ok is not True:
+        values = torch.where(ok, values, 0.0)  # a skipped update adds nothing
+    ep.sums += values[:3]
+    s.window.sums += values
+
+
+def _progress_bar(s: Session, state: TrainState, ep: Epoch):
+    if not s.bar:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=ep.batches, initial=ep.batch, desc=f"epoch {state.epoch + 1}", leave=False)
+
+
+def _show(bar, stats: dict, images_per_s: float) -> None:
+    if bar is not None and stats["loss"] is not None:
+        bar.set_postfix(loss=f"{stats['loss']:.1f}", rate=f"{stats['rate']:.1f}",
+                        dist=f"{stats['distortion']:.1f}", img_s=f"{images_per_s:.0f}",
+                        refresh=False)
+
+
+def _end_pass(s: Session, state: TrainState, ep: Epoch, seconds: float) -> None:
+    """The epoch's lr back in place (a checkpoint holds it), and its time and counts added to
+    the run's: they include a cut epoch's part (its checkpoint holds them in `progress`)."""
+    for g in state.opt.param_groups:
         g["lr"] = ep.peak_lr
-    ep.seconds += time.monotonic() - t0
+    ep.seconds += seconds
     if ep.complete:
         state.epoch += 1
     s.cut_at_batch = 0 if ep.complete else ep.batch
-    # the counters now include a cut epoch's part (its checkpoint holds them in `progress`)
     state.train_seconds += ep.seconds
     state.skipped_total += ep.skipped
     state.images_seen += ep.images
-    return ep
 
 
 def settle(s: Session, state: TrainState, ep: Epoch, pending: list) -> bool:
@@ -620,31 +458,15 @@ def schedule_factor(s: Session, state: TrainState) -> float:
 def save_inside_epoch(s: Session, state: TrainState, ep: Epoch) -> dict:
     """Write last.pt at this update, inside the epoch (rank 0 writes; every rank takes part,
     as the epoch's sums and each rank's RNG state are gathered); returns its `progress`."""
-    rt = s.rt
-    w = s.window
-    progress = {
-        "batch": ep.batch, "batches": ep.batches, "n_ok": ep.n_ok, "skipped": ep.skipped,
-        "images": ep.images, "seconds": ep.seconds, "peak_lr": ep.peak_lr,
-        "last_lr": ep.last_lr,
-        "sums": D.all_reduce_sum(ep.sums.clone(), rt).cpu(),
-        "window": {"sums": D.all_reduce_sum(w.sums.clone(), rt).cpu(), "n_ok": w.n_ok,
-                   "skipped": w.skipped},
-        "rng": D.gather_to_main(_rng_state(rt.device), rt), "world_size": rt.world_size}
-    if rt.is_main:
+    progress = ep.progress_record(s.window, s.rt)
+    if s.rt.is_main:
         # finite: the last update was applied and no weight is NaN/inf (no validation loss to
         # look at inside an epoch)
-        finite = state.consecutive_skips == 0 and _weights_finite(state)
+        finite = state.consecutive_skips == 0 and state.weights_finite()
         _save_last(s, state, state.checkpoint(s.cfg, s.image_shape, s.argv, progress=progress,
                                                finite=finite), finite)
     s.last_save = time.monotonic()
     return progress
-
-
-def _weights_finite(state: TrainState) -> bool:
-    """No NaN/inf in the trained weights nor in the evaluated ones (--ema's average)."""
-    tensors = [t for m in {id(state.vae): state.vae, id(state.eval_vae): state.eval_vae}.values()
-               for t in m.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _save_last(s: Session, state: TrainState, ckpt: dict, finite: bool) -> bool:
@@ -664,14 +486,9 @@ def _save_last(s: Session, state: TrainState, ckpt: dict, finite: bool) -> bool:
 def log_step(s: Session, state: TrainState, *, lr: float, beta: float) -> dict:
     """Read the window's sums back (the one sync in `log_every` updates; summed over ranks) and
     hand their means to the callbacks; returns them."""
-    w, rt = s.window, s.rt
-    sums = D.all_reduce_sum(w.sums.clone(), rt).tolist()
-    n = w.n_ok * rt.world_size  # ranks skip together: the same n_ok everywhere
-    stats = {**{k: v / n if n else None for k, v in zip(STEP_KEYS, sums)},
-             "lr": lr, "beta": beta, "skipped": w.skipped, "epoch": state.epoch + 1}
-    w.sums.zero_()
-    w.n_ok = w.skipped = 0
-    if rt.is_main:
+    means, skipped = s.window.take(s.rt)
+    stats = {**means, "lr": lr, "beta": beta, "skipped": skipped, "epoch": state.epoch + 1}
+    if s.rt.is_main:
         notify(s.callbacks, "on_step", state.step, stats)
     return stats
 
@@ -686,32 +503,14 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
     budget cut whose validation beats every ended epoch's still gives the weights this
     invocation tests and saves (best.pt, best.safetensors): with --lr-schedule cosine over the
     budget the cut state is the annealed one, the best the run made."""
-    tc, rt, vae = s.cfg.train, s.rt, state.eval_vae
     if ep.stop_reason in SIGNAL_STOPS and not ep.complete:
         return ep.stop_reason
+    rt = s.rt
     # Ranks skip together, so n_ok is the same everywhere; an all-skipped epoch has no mean.
     means = D.all_reduce_sum(ep.sums / max(ep.n_ok, 1), rt)  # the epoch's one read-back
     means = (means / rt.world_size).tolist() if ep.n_ok else [None] * 3
-    if tc.bn_recalibrate > 0:
-        recalibrate_batchnorm(vae, s.data.train.images, tc.bn_recalibrate, tc.batch_size,
-                              rt.device, tc.channels_last, s.autocast,
-                              seed=epoch_seed(tc.seed, state.epoch, 0))
-    D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
-    val = evaluate(vae, s.data.val.images, tc.eval_batch_size, rt, tc.channels_last, s.autocast)
-    improved = partial_best = False
-    if ep.complete:
-        improved = state.early.step(val["loss"])
-        if tc.plateau_patience > 0:
-            state.plateau.step(val["loss"])
-        if improved:
-            state.best_epoch = state.epoch
-    else:
-        partial_best = (ep.stop_reason == "budget" and math.isfinite(val["loss"])
-                        and val["loss"] < state.early.best)
-        if partial_best:
-            s.partial_best = val["loss"]
-    if improved or partial_best:
-        s.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in vae.state_dict().items()}
+    val = _validate(s, state)
+    improved, partial_best = _judge(s, state, ep, val)
     stop_reason = ep.stop_reason
     if ep.complete and state.early.should_stop and stop_reason is None:
         stop_reason = "early_stopping"
@@ -724,23 +523,61 @@ def end_epoch(s: Session, state: TrainState, ep: Epoch) -> str | None:
               "images_seen": state.images_seen, "train_seconds": state.train_seconds,
               "partial": not ep.complete}
     if rt.is_main:
-        append_metrics(s.run.root, record)
-        s.log(_fmt(record))
-        if ep.complete:
-            finite = ep.n_ok > 0 and math.isfinite(val["loss"]) and _weights_finite(state)
-            ckpt = state.checkpoint(s.cfg, s.image_shape, s.argv, finite=finite)
-            _save_last(s, state, ckpt, finite)
-            if improved:
-                save_checkpoint(ckpt, s.run.checkpoint("best"))
-            if tc.sample_every > 0 and state.epoch % tc.sample_every == 0:
-                save_epoch_grids(vae, s.data.val.images, s.run, state.epoch)
-        elif partial_best:  # the cut state, with the statistics it was validated with
-            save_checkpoint(state.checkpoint(s.cfg, s.image_shape, s.argv, progress=ep.progress),
-                            s.run.checkpoint("best"))
-        notify(s.callbacks, "on_epoch", record)
+        _record_epoch(s, state, ep, record, improved, partial_best)
         if stop_reason == "non_finite":
-            s.log(_diverged_message(s, tc), err=True)
+            s.log(_diverged_message(s, s.cfg.train), err=True)
     return stop_reason
+
+
+def _validate(s: Session, state: TrainState) -> dict:
+    """The validation loss of the evaluated weights, with --bn-recalibrate's statistics."""
+    tc, rt, vae = s.cfg.train, s.rt, state.eval_vae
+    if tc.bn_recalibrate > 0:
+        recalibrate_batchnorm(vae, s.data.train.images, tc.bn_recalibrate, tc.batch_size,
+                              rt.device, s.precision, seed=epoch_seed(tc.seed, state.epoch, 0))
+    D.broadcast_buffers(vae, rt)  # per-rank BN statistics -> rank 0's (what it saves)
+    return evaluate(vae, s.data.val.images, tc.eval_batch_size, rt, s.precision)
+
+
+def _judge(s: Session, state: TrainState, ep: Epoch, val: dict) -> tuple[bool, bool]:
+    """Step early stopping and the plateau schedule (an ended epoch only) and keep the best
+    weights: (improved, partial_best), the latter for a budget cut that beat every epoch."""
+    improved = partial_best = False
+    if ep.complete:
+        improved = state.early.step(val["loss"])
+        if s.cfg.train.plateau_patience > 0:
+            state.plateau.step(val["loss"])
+        if improved:
+            state.best_epoch = state.epoch
+    else:
+        partial_best = (ep.stop_reason == "budget" and math.isfinite(val["loss"])
+                        and val["loss"] < state.early.best)
+        if partial_best:
+            s.partial_best = val["loss"]
+    if improved or partial_best:
+        s.best_weights = {k: v.detach().to("cpu", copy=True)
+                          for k, v in state.eval_vae.state_dict().items()}
+    return improved, partial_best
+
+
+def _record_epoch(s: Session, state: TrainState, ep: Epoch, record: dict, improved: bool,
+                  partial_best: bool) -> None:
+    """Rank 0: the epoch's metrics line, last.pt (and best.pt), the grids, the callbacks."""
+    append_metrics(s.run.root, record)
+    s.log(_fmt(record))
+    if ep.complete:
+        finite = ep.n_ok > 0 and math.isfinite(record["val_loss"]) and state.weights_finite()
+        ckpt = state.checkpoint(s.cfg, s.image_shape, s.argv, finite=finite)
+        _save_last(s, state, ckpt, finite)
+        if improved:
+            save_checkpoint(ckpt, s.run.checkpoint("best"))
+        every = s.cfg.train.sample_every
+        if every > 0 and state.epoch % every == 0:
+            save_epoch_grids(state.eval_vae, s.data.val.images, s.run, state.epoch)
+    elif partial_best:  # the cut state, with the statistics it was validated with
+        save_checkpoint(state.checkpoint(s.cfg, s.image_shape, s.argv, progress=ep.progress),
+                        s.run.checkpoint("best"))
+    notify(s.callbacks, "on_epoch", record)
 
 
 def _diverged_message(s: Session, tc) -> str:
@@ -757,97 +594,76 @@ def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
     """Final grids, the test ELBO of the best weights, the weights as safetensors, summary.json,
     the invocation's entry in history.jsonl. A run stopped by a signal skips the grids and the
     test (it is to stop now, and will be resumed)."""
-    rt, tc, vae, run = s.rt, s.cfg.train, state.eval_vae, s.run
+    rt, vae = s.rt, state.eval_vae
     signalled = stop_reason in SIGNAL_STOPS
-    wall = time.monotonic() - s.t_start
-    summary = {"stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
-               "inside_epoch_batches": s.cut_at_batch,
-               "images_seen": state.images_seen, "training_seconds": state.train_seconds,
-               "invocation_training_seconds": state.train_seconds - s.train_seconds_at_start,
-               "wall_seconds": wall,
-               # the cut epoch's record number when a budget cut gave the tested weights
-               "best_epoch": state.epoch + 1 if s.partial_best is not None else state.best_epoch,
-               "best_val_loss": s.partial_best if s.partial_best is not None
-               else state.early.best if state.best_epoch else None,
-               "skipped_updates": state.skipped_total, "world_size": rt.world_size}
+    summary = _summary(s, state, stop_reason)
     if rt.is_main:
-        last = [r for r in read_metrics(run.root) if not r.get("partial")]
+        last = [r for r in read_metrics(s.run.root) if not r.get("partial")]
         summary["final_train_loss"] = last[-1].get("train_loss") if last else None
         if not signalled:
-            save_epoch_grids(vae, s.data.val.images, run, state.epoch)
+            save_epoch_grids(vae, s.data.val.images, s.run, state.epoch)
+    test = None
     if not signalled:
         if s.best_weights is not None:
             vae.load_state_dict(s.best_weights)
-        test = evaluate(vae, s.data.test.images, tc.eval_batch_size, rt, tc.channels_last,
-                        s.autocast)
+        test = evaluate(vae, s.data.test.images, s.cfg.train.eval_batch_size, rt, s.precision)
     if rt.is_main:
-        if not signalled:
-            summary.update(test_loss=test["loss"], test_bpd=test.get("bpd"),
-                           test_note="negative ELBO of the best-val weights on the test split"
-                           + ("" if vae.likelihood.discrete else
-                              "; bits/dim undefined for bernoulli"))
-            if s.best_weights is not None:  # weights alone, safe to share and load anywhere
-                save_weights(vae, s.cfg, run.safetensors)
-        else:
-            summary.update(test_loss=None, test_bpd=None, resume=f"resvae train --resume "
-                           f"{run.root} (checkpoints/last.pt: epoch {s.saved_at[0]}, step "
-                           f"{s.saved_at[1]})" if s.saved_at else None)
-        history = end_history(run.root, s.invocation, {
-            "stopped": _now(), "stop_reason": stop_reason, "wall_seconds": wall,
-            "training_seconds": summary["invocation_training_seconds"],
-            "epochs": state.epoch, "steps": state.step})
-        summary["invocations"] = len(history)
-        summary["total_wall_seconds"] = sum(h.get("wall_seconds") or 0.0 for h in history)
-        summary.update(what_ran(vae, rt, s.argv))
-        write_json(run.summary, summary)
-        if signalled:
-            s.log(f"resvae: stopped ({stop_reason}) at epoch {state.epoch}, step {state.step}; "
-                  f"resume with: resvae train --resume {run.root}")
-        else:
-            best = summary["best_val_loss"]
-            best_at = (f"at epoch {state.best_epoch}" if s.partial_best is None
-                       else f"(the cut epoch {summary['best_epoch']}'s)")
-            s.log(f"resvae: stopped ({stop_reason}) after {state.epoch} epochs, "
-                  f"{state.train_seconds:.0f}s training; best val loss "
-                  f"{math.inf if best is None else best:.2f} {best_at}; test loss "
-                  f"{test['loss']:.2f}" + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
-        notify(s.callbacks, "on_end", summary)
+        _write_summary(s, state, summary, test)
     return summary
 
 
-def what_ran(vae: VAE, rt: D.Runtime, argv) -> dict:
-    """The model's size and cost, and the software and machine that trained it."""
-    info = model_info(vae)
-    return {"layers": info["layers"], "params": info["params"],
-            "flops_per_image": info["flops"], "resvae_version": __version__,
-            "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "device": _device_name(rt.device), "git_commit": git_commit(), "command": argv}
+def _summary(s: Session, state: TrainState, stop_reason: str | None) -> dict:
+    return {"stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
+            "inside_epoch_batches": s.cut_at_batch,
+            "images_seen": state.images_seen, "training_seconds": state.train_seconds,
+            "invocation_training_seconds": state.train_seconds - s.train_seconds_at_start,
+            "wall_seconds": time.monotonic() - s.t_start,
+            # the cut epoch's record number when a budget cut gave the tested weights
+            "best_epoch": state.epoch + 1 if s.partial_best is not None else state.best_epoch,
+            "best_val_loss": s.partial_best if s.partial_best is not None
+            else state.early.best if state.best_epoch else None,
+            "skipped_updates": state.skipped_total, "world_size": s.rt.world_size}
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+def _write_summary(s: Session, state: TrainState, summary: dict, test: dict | None) -> None:
+    """Rank 0: the test result (or how to resume), safetensors, history.jsonl, summary.json,
+    the closing line, the callbacks' on_end."""
+    run, vae, stop_reason = s.run, state.eval_vae, summary["stop_reason"]
+    if test is not None:
+        summary.update(test_loss=test["loss"], test_bpd=test.get("bpd"),
+                       test_note="negative ELBO of the best-val weights on the test split"
+                       + ("" if vae.likelihood.discrete else
+                          "; bits/dim undefined for bernoulli"))
+        if s.best_weights is not None:  # weights alone, safe to share and load anywhere
+            save_weights(vae, s.cfg, run.safetensors)
+    else:
+        summary.update(test_loss=None, test_bpd=None, resume=f"resvae train --resume "
+                       f"{run.root} (checkpoints/last.pt: epoch {s.saved_at[0]}, step "
+                       f"{s.saved_at[1]})" if s.saved_at else None)
+    history = end_history(run.root, s.invocation, {
+        "stopped": _now(), "stop_reason": stop_reason, "wall_seconds": summary["wall_seconds"],
+        "training_seconds": summary["invocation_training_seconds"],
+        "epochs": state.epoch, "steps": state.step})
+    summary["invocations"] = len(history)
+    summary["total_wall_seconds"] = sum(h.get("wall_seconds") or 0.0 for h in history)
+    summary.update(what_ran(vae, s.rt, s.argv))
+    write_json(run.summary, summary)
+    s.log(_closing_line(s, state, summary, test))
+    notify(s.callbacks, "on_end", summary)
 
 
-@functools.cache
-def git_commit() -> str | None:
-    """The commit of resvae's own source, with '+dirty' for uncommitted changes; None when it is
-    not a git checkout (an installed wheel). Cached: read when the first run of a process starts,
-    which is the code that process imported, even if the checkout moves on during a long sweep."""
-    src = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+def _closing_line(s: Session, state: TrainState, summary: dict, test: dict | None) -> str:
+    stop_reason = summary["stop_reason"]
+    if test is None:
+        return (f"resvae: stopped ({stop_reason}) at epoch {state.epoch}, step {state.step}; "
+                f"resume with: resvae train --resume {s.run.root}")
+    best = summary["best_val_loss"]
+    best_at = (f"at epoch {state.best_epoch}" if s.partial_best is None
+               else f"(the cut epoch {summary['best_epoch']}'s)")
+    return (f"resvae: stopped ({stop_reason}) after {state.epoch} epochs, "
+            f"{state.train_seconds:.0f}s training; best val loss "
+            f"{math.inf if best is None else best:.2f} {best_at}; test loss "
+            f"{test['loss']:.2f}" + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
 
 
-__all__ = ["train", "TrainState", "train_epoch", "log_step", "end_epoch", "finish", "training_step",
-           "EarlyStopping", "make_plateau", "make_optimizer", "autocast_context", "warmup_factor",
-           "kl_beta"]
+__all__ = ["train", "train_epoch", "log_step", "end_epoch", "finish"]
