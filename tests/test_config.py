@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -106,7 +105,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_unknown_preset_lists_presets():
-    with pytest.raises(ConfigError, match=r"nope.*study-28.*tiny"):
+    with pytest.raises(ConfigError, match=r"nope.*study, tiny \(study-28, .*study-100: study "):
         C.load_preset("nope")
 
 
@@ -250,7 +249,8 @@ def test_validate_accepts_cuda_index_and_catches_direct_edits():
 
 def test_preset_names():
     names = C.preset_names()
-    assert {"study-28", "study-40", "study-70", "study-100", "cpu", "tiny"} <= set(names)
+    assert {"study", "cpu", "cpu-1h", "resnet-cpu", "tiny"} <= set(names)
+    assert not set(C.PRESET_ALIASES) & set(names)  # aliases are not files
 
 
 @pytest.mark.parametrize("name", C.preset_names())
@@ -259,36 +259,37 @@ def test_every_preset_loads_and_validates(name):
     assert set(raw) <= {"model", "data", "train"}
     cfg = _resolve(preset=name)
     C.validate(cfg)
-    # presets hold only differences from the defaults (study-* pin depth to stay in sync)
+    # presets hold only differences from the defaults
     for section, values in raw.items():
         for key, value in values.items():
-            if key != "depth" or not name.startswith("study-"):
-                assert value != C.fields_flat()[key][2], f"{name}: {key} repeats the default"
+            assert value != C.fields_flat()[key][2], f"{name}: {key} repeats the default"
 
 
-def test_study_presets_differ_only_in_depth_and_carry_study_values():
-    cfgs = {d: _resolve(preset=f"study-{d}") for d in (28, 40, 70, 100)}
-    for d, cfg in cfgs.items():
-        m, data, t = cfg.model, cfg.data, cfg.train
-        assert m.depth == d
-        assert (m.arch, m.width, m.latent_dim, m.likelihood, m.block) == (
-            "study", 1.0, 256, "bernoulli", "bottleneck")
-        assert m.latent_l2 == [0.01, 0.1]
-        assert (t.batch_size, t.lr, t.patience, t.min_delta) == (25, 1e-3, 50, 0.1)
-        assert (t.plateau_factor, t.plateau_patience, t.min_lr, t.max_epochs) == (0.5, 25, 1e-6, 1000)
-        assert data.dataset == "cifar10" and data.val_fraction == 0.0
-        d_ = C.to_dict(cfg)
-        d_["model"].pop("depth")
-        ref = C.to_dict(cfgs[28])
-        ref["model"].pop("depth")
-        assert d_ == ref
-    # the files themselves are identical apart from the depth line
-    root = Path(C.__file__).parent / "configs"
-    texts = [(root / f"study-{d}.toml").read_text().splitlines() for d in (28, 40, 70, 100)]
-    for other in texts[1:]:
-        assert len(other) == len(texts[0])
-        diff = [(a, b) for a, b in zip(texts[0], other) if a != b]
-        assert len(diff) == 1 and diff[0][0].startswith("depth =")
+# The four presets study-28 ... study-100 were copies of one file apart from `depth`; each name
+# is now `--preset study` at its depth, and resolves to what its file gave.
+STUDY_ALIASES = {"study-28": 28, "study-40": 40, "study-70": 70, "study-100": 100}
+
+
+@pytest.mark.parametrize("name, depth", STUDY_ALIASES.items())
+def test_study_aliases_are_study_at_their_depth(name, depth):
+    assert C.PRESET_ALIASES[name] == ("study", {"model": {"depth": depth}})
+    assert _resolve(preset=name) == _resolve(preset="study", overrides={"depth": depth})
+    cfg = _resolve(preset=name)
+    m, data, t = cfg.model, cfg.data, cfg.train
+    assert m.depth == depth
+    # the values of the old study-N.toml files: every key they set
+    assert (m.arch, m.width, m.latent_dim, m.likelihood, m.block) == (
+        "study", 1.0, 256, "bernoulli", "bottleneck")
+    assert m.latent_l2 == [0.01, 0.1]
+    assert (t.batch_size, t.lr, t.patience, t.min_delta) == (25, 1e-3, 50, 0.1)
+    assert (t.plateau_factor, t.plateau_patience, t.min_lr, t.max_epochs) == (0.5, 25, 1e-6, 1000)
+    assert data.dataset == "cifar10" and data.val_fraction == 0.0
+    old_file = {"model": {"depth": depth, "latent_l2": [0.01, 0.1]},
+                "train": {"batch_size": 25, "patience": 50, "min_delta": 0.1,
+                          "plateau_patience": 25, "min_lr": 1e-6}}
+    assert C.load_preset(name) == old_file
+    assert _resolve(preset="study").model.depth == 28  # the study's shallowest, the default
+    assert set(STUDY_ALIASES) == set(C.PRESET_ALIASES)
 
 
 def test_small_presets():

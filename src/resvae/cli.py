@@ -20,7 +20,7 @@ from .config import (
     field_docs,
     fields_flat,
     load_preset,
-    preset_names,
+    presets_help,
     resolve,
     to_toml,
 )
@@ -394,7 +394,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     config flags' help show that preset's values as their defaults."""
     from .export import FORMATS  # (the export formats: where they are implemented)
 
-    presets = ", ".join(preset_names())
+    presets = presets_help()
     p = _Parser(
         prog="resvae", description="VAEs with deep residual encoders/decoders: train and measure.",
         epilog=f"Config precedence: {PRECEDENCE}. Presets: {presets}")

@@ -476,9 +476,22 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
 
 
 def preset_names() -> list[str]:
-    """Names of the bundled presets (``resvae/configs/*.toml``)."""
+    """Names of the bundled presets (``resvae/configs/*.toml``); aliases (``PRESET_ALIASES``)
+    are not among them."""
     root = resources.files("resvae") / "configs"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+# The study's four networks are one preset at four depths; their old preset names stay as
+# aliases: alias -> (preset, the settings it adds).
+STUDY_DEPTHS = (28, 40, 70, 100)
+PRESET_ALIASES = {f"study-{d}": ("study", {"model": {"depth": d}}) for d in STUDY_DEPTHS}
+
+
+def presets_help() -> str:
+    """The presets as --help and errors list them: the files, then what the aliases mean."""
+    return (", ".join(preset_names()) + " (" + ", ".join(PRESET_ALIASES)
+            + ": study at that --depth)")
 
 
 def _loads(text: str, label: str) -> dict:
@@ -489,11 +502,17 @@ def _loads(text: str, label: str) -> dict:
 
 
 def load_preset(name: str) -> dict:
-    """Nested dict of a bundled preset's TOML."""
+    """Nested dict of a bundled preset's TOML; an alias's adds its settings (study-40: depth)."""
     if name in RENAMED_PRESETS:
         raise ConfigError(f"preset {name!r} was renamed to {RENAMED_PRESETS[name]!r}")
-    if name not in (names := preset_names()):
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(names)}")
+    if name in PRESET_ALIASES:
+        base, extra = PRESET_ALIASES[name]
+        raw = load_preset(base)
+        for section, values in extra.items():
+            raw.setdefault(section, {}).update(values)
+        return raw
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; available: {presets_help()}")
     path = resources.files("resvae") / "configs" / f"{name}.toml"
     return _loads(path.read_text(encoding="utf-8"), f"preset {name!r}")
 
