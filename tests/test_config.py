@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import math
+import re
 
 import pytest
 
@@ -243,6 +245,61 @@ def test_validate_accepts_cuda_index_and_catches_direct_edits():
     cfg.model.depth = "28"  # wrong type set by hand
     with pytest.raises(ConfigError, match=r"model\.depth.*expected int"):
         C.validate(cfg)
+
+
+# The ranges the fields' setting(lo=, hi=) metadata declares (before: the key lists _POSITIVE
+# and _NONNEG in validate), each checked at its edges with the message it gives.
+POSITIVE = ["depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
+            "max_skips", "max_epochs"]
+NONNEG = ["gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
+          "kl_anneal_steps", "free_bits", "grad_clip", "skip_threshold", "patience", "min_delta",
+          "plateau_patience", "min_lr", "seed", "sample_every", "log_every", "bn_recalibrate"]
+IN_0_1 = {"val_fraction": "[0, 1)", "ema": "[0, 1)", "plateau_factor": "(0, 1)"}
+LISTS = {"latent_l2": "two non-negative numbers", "betas": r"two numbers in \[0, 1\)"}
+
+
+def test_every_range_is_field_metadata():
+    ranged = {f.name for cls in C.SECTIONS.values() for f in dataclasses.fields(cls)
+              if "range" in f.metadata}
+    assert ranged == {*POSITIVE, *NONNEG, *IN_0_1, *LISTS, "stochastic_layers"}
+
+
+@pytest.mark.parametrize("key", POSITIVE + NONNEG)
+def test_positive_and_non_negative_ranges_at_their_edges(key):
+    typ = C.fields_flat()[key][1]
+    edge, bad = (1, 0) if key in POSITIVE else (0, -1)
+    assert getattr(getattr(_resolve(overrides={key: edge}), C.fields_flat()[key][0]), key) == edge
+    word = "a positive number" if key in POSITIVE else "a non-negative number"
+    for value in [bad] + ([math.inf, math.nan] if typ is float else []):
+        with pytest.raises(ConfigError, match=rf"\.{key} \(from --{key.replace('_', '-')}\): "
+                                              rf"expected {word}, got"):
+            _resolve(overrides={key: value})
+
+
+@pytest.mark.parametrize("key, interval", IN_0_1.items())
+def test_unit_interval_ranges_at_their_edges(key, interval):
+    lo_ok = interval[0] == "["
+    for value, ok in [(0.0, lo_ok), (0.5, True), (1.0, False), (math.nan, False)]:
+        if ok:
+            _resolve(overrides={key: value})
+            continue
+        with pytest.raises(ConfigError, match=f"expected a number in {re.escape(interval)}, got"):
+            _resolve(overrides={key: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("latent_l2", [0.0]), ("latent_l2", [0.1, -0.1]), ("latent_l2", [0.0, math.inf]),
+    ("betas", [0.9, 1.0]), ("betas", [0.9, 0.99, 0.999]), ("betas", [-0.1, 0.9])])
+def test_list_ranges_per_element_and_length(key, value):
+    with pytest.raises(ConfigError, match=f"expected {LISTS[key]}"):
+        _resolve(overrides={key: value})
+    _resolve(overrides={key: [0.0, 0.5]})
+
+
+def test_stochastic_layers_range():
+    with pytest.raises(ConfigError, match="expected a positive integer, got 0"):
+        _resolve(overrides={"arch": "hier", "stochastic_layers": 0})
+    assert _resolve(overrides={"arch": "hier", "stochastic_layers": 1}).model.stochastic_layers == 1
 
 
 # -- presets ----------------------------------------------------------------------------------
