@@ -205,14 +205,35 @@ def test_nested_key_wrong_section_and_duplicate():
     ("", None), ("  ", None), ("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400),
     ("1.5h", 5400), ("90", 90), ("2.5", 2.5), ("1h 30m 5s", 5405), ("1M", 60),
 ])
-def test_parse_budget(text, secs):
-    assert C.parse_budget(text) == secs
+def test_parse_duration(text, secs):
+    assert C.parse_duration(text) == secs
+    assert C.Duration(text) == text and C.Duration(text).seconds == secs  # the text stays
 
 
 @pytest.mark.parametrize("text", ["abc", "10x", "1h30", "30m1h", "-5", "0", "0s", "inf", "nan", "h"])
-def test_parse_budget_errors(text):
-    with pytest.raises(ConfigError, match="budget"):
-        C.parse_budget(text)
+def test_parse_duration_errors(text):
+    with pytest.raises(ConfigError, match="positive duration"):
+        C.parse_duration(text)
+
+
+def test_durations_are_parsed_once_and_written_as_given(tmp_path):
+    # resolve parses the texts into seconds / steps; config.json and --print-config's TOML keep
+    # the user's spelling, and read back to an equal config
+    cfg = _resolve(overrides={"budget": "1h30m", "checkpoint_every": "500steps",
+                              "ddp_timeout": "90"})
+    t = cfg.train
+    assert (t.budget.seconds, t.ddp_timeout.seconds) == (5400.0, 90.0)
+    assert t.checkpoint_every.interval == ("steps", 500)
+    assert _resolve().train.checkpoint_every.interval == ("seconds", 600.0)
+    assert _resolve().train.budget.seconds is None
+    d = C.to_dict(cfg)
+    assert (d["train"]["budget"], d["train"]["checkpoint_every"]) == ("1h30m", "500steps")
+    assert type(d["train"]["budget"]) is str  # plain text in checkpoints (weights_only loads)
+    assert C.from_dict(json.loads(json.dumps(d))) == cfg
+    assert C.from_dict(json.loads(json.dumps(d))).train.budget.seconds == 5400.0
+    assert 'budget = "1h30m"' in C.to_toml(cfg)
+    f = _toml(tmp_path, C.to_toml(cfg))
+    assert _resolve(config_file=str(f)) == cfg
 
 
 def test_bad_budget_rejected_by_validate_with_source():
@@ -245,6 +266,10 @@ def test_validate_accepts_cuda_index_and_catches_direct_edits():
     cfg.model.depth = "28"  # wrong type set by hand
     with pytest.raises(ConfigError, match=r"model\.depth.*expected int"):
         C.validate(cfg)
+    cfg = C.RunConfig()
+    cfg.train.budget = "5m"  # plain text set by hand: validate parses it as it does a flag
+    C.validate(cfg)
+    assert type(cfg.train.budget) is C.Duration and cfg.train.budget.seconds == 300
 
 
 # The ranges the fields' setting(lo=, hi=) metadata declares (before: the key lists _POSITIVE
@@ -353,10 +378,10 @@ def test_small_presets():
     cpu, tiny = _resolve(preset="cpu"), _resolve(preset="tiny")
     assert (cpu.model.arch, cpu.model.block, cpu.model.depth, cpu.model.likelihood) == (
         "hier", "basic", 40, "dmol")
-    assert C.parse_budget(cpu.train.budget) == 600
+    assert cpu.train.budget.seconds == 600
     # cpu-1h is the same model and recipe, for an hour
     hour = _resolve(preset="cpu-1h")
-    assert hour.model == cpu.model and C.parse_budget(hour.train.budget) == 3600
+    assert hour.model == cpu.model and hour.train.budget.seconds == 3600
     assert {k for k in vars(cpu.train) if getattr(cpu.train, k) != getattr(hour.train, k)} == {
         "ema", "budget"}
     old = _resolve(preset="resnet-cpu")
@@ -403,7 +428,7 @@ def test_fields_flat():
     ff = C.fields_flat()
     assert ff["latent_dim"] == ("model", int, 256)
     assert ff["latent_l2"] == ("model", list[float], [0.0, 0.0])
-    assert ff["budget"] == ("train", str, "")
+    assert ff["budget"] == ("train", C.Duration, "")
     assert ff["data_dir"][0] == "data"
     ff["betas"][2].append(1.0)  # callers get copies of mutable defaults
     assert C.fields_flat()["betas"][2] == [0.9, 0.999]

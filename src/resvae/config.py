@@ -46,6 +46,74 @@ CHOICES = {
 }
 
 
+_NUM = r"(\d+(?:\.\d+)?|\.\d+)"
+_DURATION = re.compile(f"(?:{_NUM}h)?(?:{_NUM}m)?(?:{_NUM}s)?")  # units in h, m, s order
+_STEPS = re.compile(r"(\d+)\s*steps?")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration: "" -> None (none); "90s", "10m", "2h", "1h30m", "1.5h", "600"
+    (a bare number is seconds). Anything else, zero included, is a ConfigError."""
+    t = text.strip().lower().replace(" ", "")
+    if not t:
+        return None
+    m = _DURATION.fullmatch(t)
+    try:
+        secs = float(t) if m is None or not any(m.groups()) else sum(
+            float(g) * mult for g, mult in zip(m.groups(), (3600, 60, 1)) if g)
+    except ValueError:
+        secs = math.nan
+    if not (math.isfinite(secs) and secs > 0):
+        raise ConfigError(f"expected a positive duration like '90s', '10m', '1h30m', got {text!r}")
+    return secs
+
+
+class Duration(str):
+    """A duration setting (budget, ddp_timeout): the text as the user wrote it ("10m"), so
+    config.json, --print-config and --help show it unchanged, parsed once (by ``validate``) into
+    ``seconds``: None for "" (none)."""
+    seconds: float | None
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.seconds = parse_duration(text)
+        return self
+
+
+class Every(str):
+    """checkpoint_every: its text, parsed once into ``steps`` (a count of updates, "500steps")
+    or ``seconds`` (a duration, "10m"); both None for "" or "0" (at epoch ends only)."""
+    steps: int | None
+    seconds: float | None
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        t = text.strip().lower().replace(" ", "")
+        m = _STEPS.fullmatch(t)
+        self.steps, self.seconds = (int(m.group(1)) if m else None), None
+        try:
+            if m is None and t != "0":
+                self.seconds = parse_duration(t)
+        except ConfigError:
+            self.steps = 0  # neither a count nor a duration: the same error as "0steps"
+        if self.steps == 0:
+            raise ConfigError(f"checkpoint_every: expected a duration like '90s', '10m', a count "
+                              f"of updates like '500steps', or '' / 0 for epoch ends only, got "
+                              f"{text!r}")
+        return self
+
+    @property
+    def interval(self) -> tuple[str, float] | None:
+        """("steps", n), ("seconds", s), or None: how the training loop reads it."""
+        if self.steps:
+            return "steps", self.steps
+        return ("seconds", self.seconds) if self.seconds else None
+
+
+# Fields holding text that validate parses into these types (a wrong form is named there).
+_PARSED = (Duration, Every)
+
+
 @dataclass(frozen=True)
 class Range:
     """A numeric field's allowed values: ``lo <= x < hi`` (``lo < x`` when ``lo_open``); every
@@ -214,17 +282,17 @@ class TrainConfig:
                       "no host sync per update"})
     max_epochs: int = setting(1000, "stop after this many epochs", unit="epochs", lo=0,
                               lo_open=True)
-    budget: str = setting(
-        "", "wall-clock budget of one invocation (a resumed run gets a fresh one); \"\" = none",
-        unit="duration: 90s, 10m, 2h, 1h30m or 1.5h; a bare number is seconds")
-    checkpoint_every: str = setting(
-        "10m", "also write checkpoints/last.pt inside an epoch this often, so a killed run loses "
-        "at most this much (a resume continues mid-epoch exactly); \"\" or 0 = at epoch ends "
-        "only", unit="duration (90s, 10m, 1h) or a count of updates (500steps)")
-    ddp_timeout: str = setting(
-        "30m", "under torchrun: how long a process waits for the others in one collective "
-        "before it gives up with an error (a hung or dead peer), data decoding on rank 0 "
-        "included", unit="duration: 90s, 10m, 1h")
+    budget: Duration = setting(
+        Duration(""), "wall-clock budget of one invocation (a resumed run gets a fresh one); "
+        "\"\" = none", unit="duration: 90s, 10m, 2h, 1h30m or 1.5h; a bare number is seconds")
+    checkpoint_every: Every = setting(
+        Every("10m"), "also write checkpoints/last.pt inside an epoch this often, so a killed "
+        "run loses at most this much (a resume continues mid-epoch exactly); \"\" or 0 = at "
+        "epoch ends only", unit="duration (90s, 10m, 1h) or a count of updates (500steps)")
+    ddp_timeout: Duration = setting(
+        Duration("30m"), "under torchrun: how long a process waits for the others in one "
+        "collective before it gives up with an error (a hung or dead peer), data decoding on "
+        "rank 0 included", unit="duration: 90s, 10m, 1h")
     patience: int = setting(0, "early stopping: stop after this many epochs without a "
                             "validation gain above --min-delta; 0 = off", unit="epochs", lo=0)
     min_delta: float = setting(0.0, "the validation gain early stopping counts as one",
@@ -336,6 +404,8 @@ def _resolve_key(key: str, source: str) -> str:
 
 def _check(key: str, typ, value, source: str):
     """Strict type check; returns the value (ints widened to float for float fields)."""
+    if typ in _PARSED:  # text here; validate parses it (and names the form it expects)
+        typ = str
     if typing.get_origin(typ) is list:
         if isinstance(value, (list, tuple)):
             with contextlib.suppress(ConfigError):
@@ -361,7 +431,7 @@ def parse_value(field_type, text: str, key: str, source: str):
             return t.lower() in _TRUE
         if field_type in (int, float):
             return field_type(t)
-        if field_type is str:
+        if field_type is str or field_type in _PARSED:
             return text
         if typing.get_origin(field_type) is list:
             inner = t[1:-1] if t.startswith("[") and t.endswith("]") else t
@@ -400,64 +470,6 @@ def apply_dict(cfg: RunConfig, d: Mapping, source: str = "dict") -> RunConfig:
     return cfg
 
 
-_NUM = r"(\d+(?:\.\d+)?|\.\d+)"
-_BUDGET = re.compile(f"(?:{_NUM}h)?(?:{_NUM}m)?(?:{_NUM}s)?")  # units in h, m, s order
-
-
-def parse_budget(s: str) -> float | None:
-    """Wall-clock budget in seconds: "" -> None; "90s", "10m", "2h", "1h30m", "1.5h", "600"."""
-    t = s.strip().lower().replace(" ", "")
-    if not t:
-        return None
-    m = _BUDGET.fullmatch(t)
-    try:
-        secs = float(t) if m is None or not any(m.groups()) else sum(
-            float(g) * mult for g, mult in zip(m.groups(), (3600, 60, 1)) if g)
-    except ValueError:
-        secs = math.nan
-    if not (math.isfinite(secs) and secs > 0):
-        raise ConfigError(f"budget: expected a positive duration like '90s', '10m', '1h30m', "
-                          f"got {s!r}")
-    return secs
-
-
-_STEPS = re.compile(r"(\d+)\s*steps?")
-
-
-def parse_every(s: str) -> tuple[str, float] | None:
-    """A checkpoint interval: "" or "0" -> None; "500steps" -> ("steps", 500); a duration
-    ("90s", "10m", a bare number of seconds) -> ("seconds", 600.0)."""
-    t = s.strip().lower().replace(" ", "")
-    if t in ("", "0"):
-        return None
-    if m := _STEPS.fullmatch(t):
-        if int(m.group(1)) > 0:
-            return "steps", int(m.group(1))
-        raise ConfigError(f"checkpoint_every: expected a positive count of steps, got {s!r}")
-    try:
-        return "seconds", parse_budget(t)
-    except ConfigError:
-        raise ConfigError(f"checkpoint_every: expected a duration like '90s', '10m', a count "
-                          f"of updates like '500steps', or '' / 0 for epoch ends only, got {s!r}") \
-            from None
-
-
-def _every_ok(s: str) -> bool:
-    try:
-        parse_every(s)
-        return True
-    except ConfigError:
-        return False
-
-
-def _budget_ok(s: str) -> bool:
-    try:
-        parse_budget(s)
-        return True
-    except ConfigError:
-        return False
-
-
 # Names users may still type after a rename: each gets an error that names its successor.
 RENAMED = {"arch": {"seed": "study"}}
 RENAMED_PRESETS = {f"seed-{d}": f"study-{d}" for d in (28, 40, 70, 100)}
@@ -466,8 +478,19 @@ _RANGES = {f.name: f.metadata["range"] for cls in SECTIONS.values()
            for f in dataclasses.fields(cls) if "range" in f.metadata}
 
 
+def _parse_or_none(typ, text: str):
+    """``text`` parsed as ``typ`` (Duration, Every), or None when it is not one: validate names
+    the expected form."""
+    try:
+        return typ(text)
+    except ConfigError:
+        return None
+
+
 def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
-    """Check types and value ranges; ``sources`` (key -> where it was set) enriches messages."""
+    """Check types and value ranges; ``sources`` (key -> where it was set) enriches messages.
+    The duration texts are parsed here, once, into Duration / Every values set on ``cfg`` (the
+    text unchanged), so the code that uses them reads seconds and steps."""
     def where(key):
         return f" (from {sources[key]})" if sources and key in sources else ""
 
@@ -478,6 +501,7 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         if v[key] in old_new:
             raise ConfigError(f"{_FIELDS[key][0]}.{key}{where(key)}: {v[key]!r} was renamed to "
                               f"{old_new[v[key]]!r}")
+    parsed = {k: _parse_or_none(typ, v[k]) for k, (_, typ, _) in _FIELDS.items() if typ in _PARSED}
     # (key, ok, expected); a Range also rejects NaN and inf
     checks = [(k, v[k] in c, "one of " + ", ".join(c)) for k, c in CHOICES.items()]
     checks += [(k, r.holds(v[k]), r.describe()) for k, r in _RANGES.items()]
@@ -486,10 +510,11 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
          "'constant' with --plateau-patience (two schedules would fight over the lr)"),
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v["device"]) is not None,
          "auto, cpu, cuda, cuda:N or mps"),
-        ("budget", _budget_ok(v["budget"]), "'' or a positive duration like '90s', '10m', '1h30m'"),
-        ("checkpoint_every", _every_ok(v["checkpoint_every"]),
+        ("budget", parsed["budget"] is not None,
+         "'' or a positive duration like '90s', '10m', '1h30m'"),
+        ("checkpoint_every", parsed["checkpoint_every"] is not None,
          "'' / 0, a duration like '90s', '10m', or a count of updates like '500steps'"),
-        ("ddp_timeout", _budget_ok(v["ddp_timeout"]) and v["ddp_timeout"].strip() != "",
+        ("ddp_timeout", parsed["ddp_timeout"] is not None and parsed["ddp_timeout"].seconds,
          "a positive duration like '90s', '10m', '1h'"),
         ("stochastic_layers", v["arch"] == "hier" or v["stochastic_layers"] == _FIELDS[
             "stochastic_layers"][2], f"its default {_FIELDS['stochastic_layers'][2]} with arch "
@@ -499,6 +524,8 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         if not ok:
             raise ConfigError(f"{_FIELDS[key][0]}.{key}{where(key)}: expected {expected}, "
                               f"got {v[key]!r}")
+    for key, value in parsed.items():
+        setattr(getattr(cfg, _FIELDS[key][0]), key, value)
 
 
 def preset_names() -> list[str]:
@@ -607,8 +634,10 @@ def resolve(preset: str | None = None, config_file: str | None = None,
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    """Nested, JSON-serialisable dict."""
-    return dataclasses.asdict(cfg)
+    """Nested, JSON-serialisable dict; Duration / Every values become their plain text (a
+    checkpoint's config loads under torch.load(weights_only=True))."""
+    return {sec: {k: str(v) if isinstance(v, str) else v for k, v in values.items()}
+            for sec, values in dataclasses.asdict(cfg).items()}
 
 
 def _toml_value(v) -> str:

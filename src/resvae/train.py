@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from . import distributed as D
 from .callbacks import TensorBoard, notify, summary_writer
-from .config import ConfigError, RunConfig, parse_budget, parse_every, save_json, to_dict
+from .config import ConfigError, RunConfig, save_json, to_dict
 from .data import Splits, iterate_batches, load_dataset, num_batches, to_input
 from .evaluate import evaluate, recalibrate_batchnorm
 from .generate import save_epoch_grids
@@ -260,7 +260,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
     write: a run that fails before then leaves the old one whole.
     """
     t_start = time.monotonic()
-    rt = D.setup(cfg.train.device, timeout=parse_budget(cfg.train.ddp_timeout))
+    rt = D.setup(cfg.train.device, timeout=cfg.train.ddp_timeout.seconds)
     s = None
     try:
         s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, resume_from, argv, progress,
@@ -343,7 +343,7 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     autocast = autocast_context(tc.precision, rt.device)
     s = Session(cfg, rt, run, data, model, autocast,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
-                budget=parse_budget(tc.budget), every=parse_every(tc.checkpoint_every),
+                budget=tc.budget.seconds, every=tc.checkpoint_every.interval,
                 window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
     _check_batches(s)  # before anything is written
     resumed = None
