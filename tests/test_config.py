@@ -2,7 +2,8 @@
 
 import dataclasses
 import json
-from pathlib import Path
+import math
+import re
 
 import pytest
 
@@ -106,7 +107,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_unknown_preset_lists_presets():
-    with pytest.raises(ConfigError, match=r"nope.*study-28.*tiny"):
+    with pytest.raises(ConfigError, match=r"nope.*study, tiny \(study-28, .*study-100: study "):
         C.load_preset("nope")
 
 
@@ -204,14 +205,35 @@ def test_nested_key_wrong_section_and_duplicate():
     ("", None), ("  ", None), ("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400),
     ("1.5h", 5400), ("90", 90), ("2.5", 2.5), ("1h 30m 5s", 5405), ("1M", 60),
 ])
-def test_parse_budget(text, secs):
-    assert C.parse_budget(text) == secs
+def test_parse_duration(text, secs):
+    assert C.parse_duration(text) == secs
+    assert C.Duration(text) == text and C.Duration(text).seconds == secs  # the text stays
 
 
 @pytest.mark.parametrize("text", ["abc", "10x", "1h30", "30m1h", "-5", "0", "0s", "inf", "nan", "h"])
-def test_parse_budget_errors(text):
-    with pytest.raises(ConfigError, match="budget"):
-        C.parse_budget(text)
+def test_parse_duration_errors(text):
+    with pytest.raises(ConfigError, match="positive duration"):
+        C.parse_duration(text)
+
+
+def test_durations_are_parsed_once_and_written_as_given(tmp_path):
+    # resolve parses the texts into seconds / steps; config.json and --print-config's TOML keep
+    # the user's spelling, and read back to an equal config
+    cfg = _resolve(overrides={"budget": "1h30m", "checkpoint_every": "500steps",
+                              "ddp_timeout": "90"})
+    t = cfg.train
+    assert (t.budget.seconds, t.ddp_timeout.seconds) == (5400.0, 90.0)
+    assert t.checkpoint_every.interval == ("steps", 500)
+    assert _resolve().train.checkpoint_every.interval == ("seconds", 600.0)
+    assert _resolve().train.budget.seconds is None
+    d = C.to_dict(cfg)
+    assert (d["train"]["budget"], d["train"]["checkpoint_every"]) == ("1h30m", "500steps")
+    assert type(d["train"]["budget"]) is str  # plain text in checkpoints (weights_only loads)
+    assert C.from_dict(json.loads(json.dumps(d))) == cfg
+    assert C.from_dict(json.loads(json.dumps(d))).train.budget.seconds == 5400.0
+    assert 'budget = "1h30m"' in C.to_toml(cfg)
+    f = _toml(tmp_path, C.to_toml(cfg))
+    assert _resolve(config_file=str(f)) == cfg
 
 
 def test_bad_budget_rejected_by_validate_with_source():
@@ -244,13 +266,73 @@ def test_validate_accepts_cuda_index_and_catches_direct_edits():
     cfg.model.depth = "28"  # wrong type set by hand
     with pytest.raises(ConfigError, match=r"model\.depth.*expected int"):
         C.validate(cfg)
+    cfg = C.RunConfig()
+    cfg.train.budget = "5m"  # plain text set by hand: validate parses it as it does a flag
+    C.validate(cfg)
+    assert type(cfg.train.budget) is C.Duration and cfg.train.budget.seconds == 300
+
+
+# The ranges the fields' setting(lo=, hi=) metadata declares (before: the key lists _POSITIVE
+# and _NONNEG in validate), each checked at its edges with the message it gives.
+POSITIVE = ["depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
+            "max_skips", "max_epochs"]
+NONNEG = ["gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
+          "kl_anneal_steps", "free_bits", "grad_clip", "skip_threshold", "patience", "min_delta",
+          "plateau_patience", "min_lr", "seed", "sample_every", "log_every", "bn_recalibrate"]
+IN_0_1 = {"val_fraction": "[0, 1)", "ema": "[0, 1)", "plateau_factor": "(0, 1)"}
+LISTS = {"latent_l2": "two non-negative numbers", "betas": r"two numbers in \[0, 1\)"}
+
+
+def test_every_range_is_field_metadata():
+    ranged = {f.name for cls in C.SECTIONS.values() for f in dataclasses.fields(cls)
+              if "range" in f.metadata}
+    assert ranged == {*POSITIVE, *NONNEG, *IN_0_1, *LISTS, "stochastic_layers"}
+
+
+@pytest.mark.parametrize("key", POSITIVE + NONNEG)
+def test_positive_and_non_negative_ranges_at_their_edges(key):
+    typ = C.fields_flat()[key][1]
+    edge, bad = (1, 0) if key in POSITIVE else (0, -1)
+    assert getattr(getattr(_resolve(overrides={key: edge}), C.fields_flat()[key][0]), key) == edge
+    word = "a positive number" if key in POSITIVE else "a non-negative number"
+    for value in [bad] + ([math.inf, math.nan] if typ is float else []):
+        with pytest.raises(ConfigError, match=rf"\.{key} \(from --{key.replace('_', '-')}\): "
+                                              rf"expected {word}, got"):
+            _resolve(overrides={key: value})
+
+
+@pytest.mark.parametrize("key, interval", IN_0_1.items())
+def test_unit_interval_ranges_at_their_edges(key, interval):
+    lo_ok = interval[0] == "["
+    for value, ok in [(0.0, lo_ok), (0.5, True), (1.0, False), (math.nan, False)]:
+        if ok:
+            _resolve(overrides={key: value})
+            continue
+        with pytest.raises(ConfigError, match=f"expected a number in {re.escape(interval)}, got"):
+            _resolve(overrides={key: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("latent_l2", [0.0]), ("latent_l2", [0.1, -0.1]), ("latent_l2", [0.0, math.inf]),
+    ("betas", [0.9, 1.0]), ("betas", [0.9, 0.99, 0.999]), ("betas", [-0.1, 0.9])])
+def test_list_ranges_per_element_and_length(key, value):
+    with pytest.raises(ConfigError, match=f"expected {LISTS[key]}"):
+        _resolve(overrides={key: value})
+    _resolve(overrides={key: [0.0, 0.5]})
+
+
+def test_stochastic_layers_range():
+    with pytest.raises(ConfigError, match="expected a positive integer, got 0"):
+        _resolve(overrides={"arch": "hier", "stochastic_layers": 0})
+    assert _resolve(overrides={"arch": "hier", "stochastic_layers": 1}).model.stochastic_layers == 1
 
 
 # -- presets ----------------------------------------------------------------------------------
 
 def test_preset_names():
     names = C.preset_names()
-    assert {"study-28", "study-40", "study-70", "study-100", "cpu", "tiny"} <= set(names)
+    assert {"study", "cpu", "cpu-1h", "resnet-cpu", "tiny"} <= set(names)
+    assert not set(C.PRESET_ALIASES) & set(names)  # aliases are not files
 
 
 @pytest.mark.parametrize("name", C.preset_names())
@@ -259,46 +341,47 @@ def test_every_preset_loads_and_validates(name):
     assert set(raw) <= {"model", "data", "train"}
     cfg = _resolve(preset=name)
     C.validate(cfg)
-    # presets hold only differences from the defaults (study-* pin depth to stay in sync)
+    # presets hold only differences from the defaults
     for section, values in raw.items():
         for key, value in values.items():
-            if key != "depth" or not name.startswith("study-"):
-                assert value != C.fields_flat()[key][2], f"{name}: {key} repeats the default"
+            assert value != C.fields_flat()[key][2], f"{name}: {key} repeats the default"
 
 
-def test_study_presets_differ_only_in_depth_and_carry_study_values():
-    cfgs = {d: _resolve(preset=f"study-{d}") for d in (28, 40, 70, 100)}
-    for d, cfg in cfgs.items():
-        m, data, t = cfg.model, cfg.data, cfg.train
-        assert m.depth == d
-        assert (m.arch, m.width, m.latent_dim, m.likelihood, m.block) == (
-            "study", 1.0, 256, "bernoulli", "bottleneck")
-        assert m.latent_l2 == [0.01, 0.1]
-        assert (t.batch_size, t.lr, t.patience, t.min_delta) == (25, 1e-3, 50, 0.1)
-        assert (t.plateau_factor, t.plateau_patience, t.min_lr, t.max_epochs) == (0.5, 25, 1e-6, 1000)
-        assert data.dataset == "cifar10" and data.val_fraction == 0.0
-        d_ = C.to_dict(cfg)
-        d_["model"].pop("depth")
-        ref = C.to_dict(cfgs[28])
-        ref["model"].pop("depth")
-        assert d_ == ref
-    # the files themselves are identical apart from the depth line
-    root = Path(C.__file__).parent / "configs"
-    texts = [(root / f"study-{d}.toml").read_text().splitlines() for d in (28, 40, 70, 100)]
-    for other in texts[1:]:
-        assert len(other) == len(texts[0])
-        diff = [(a, b) for a, b in zip(texts[0], other) if a != b]
-        assert len(diff) == 1 and diff[0][0].startswith("depth =")
+# The four presets study-28 ... study-100 were copies of one file apart from `depth`; each name
+# is now `--preset study` at its depth, and resolves to what its file gave.
+STUDY_ALIASES = {"study-28": 28, "study-40": 40, "study-70": 70, "study-100": 100}
+
+
+@pytest.mark.parametrize("name, depth", STUDY_ALIASES.items())
+def test_study_aliases_are_study_at_their_depth(name, depth):
+    assert C.PRESET_ALIASES[name] == ("study", {"model": {"depth": depth}})
+    assert _resolve(preset=name) == _resolve(preset="study", overrides={"depth": depth})
+    cfg = _resolve(preset=name)
+    m, data, t = cfg.model, cfg.data, cfg.train
+    assert m.depth == depth
+    # the values of the old study-N.toml files: every key they set
+    assert (m.arch, m.width, m.latent_dim, m.likelihood, m.block) == (
+        "study", 1.0, 256, "bernoulli", "bottleneck")
+    assert m.latent_l2 == [0.01, 0.1]
+    assert (t.batch_size, t.lr, t.patience, t.min_delta) == (25, 1e-3, 50, 0.1)
+    assert (t.plateau_factor, t.plateau_patience, t.min_lr, t.max_epochs) == (0.5, 25, 1e-6, 1000)
+    assert data.dataset == "cifar10" and data.val_fraction == 0.0
+    old_file = {"model": {"depth": depth, "latent_l2": [0.01, 0.1]},
+                "train": {"batch_size": 25, "patience": 50, "min_delta": 0.1,
+                          "plateau_patience": 25, "min_lr": 1e-6}}
+    assert C.load_preset(name) == old_file
+    assert _resolve(preset="study").model.depth == 28  # the study's shallowest, the default
+    assert set(STUDY_ALIASES) == set(C.PRESET_ALIASES)
 
 
 def test_small_presets():
     cpu, tiny = _resolve(preset="cpu"), _resolve(preset="tiny")
     assert (cpu.model.arch, cpu.model.block, cpu.model.depth, cpu.model.likelihood) == (
         "hier", "basic", 40, "dmol")
-    assert C.parse_budget(cpu.train.budget) == 600
+    assert cpu.train.budget.seconds == 600
     # cpu-1h is the same model and recipe, for an hour
     hour = _resolve(preset="cpu-1h")
-    assert hour.model == cpu.model and C.parse_budget(hour.train.budget) == 3600
+    assert hour.model == cpu.model and hour.train.budget.seconds == 3600
     assert {k for k in vars(cpu.train) if getattr(cpu.train, k) != getattr(hour.train, k)} == {
         "ema", "budget"}
     old = _resolve(preset="resnet-cpu")
@@ -345,7 +428,7 @@ def test_fields_flat():
     ff = C.fields_flat()
     assert ff["latent_dim"] == ("model", int, 256)
     assert ff["latent_l2"] == ("model", list[float], [0.0, 0.0])
-    assert ff["budget"] == ("train", str, "")
+    assert ff["budget"] == ("train", C.Duration, "")
     assert ff["data_dir"][0] == "data"
     ff["betas"][2].append(1.0)  # callers get copies of mutable defaults
     assert C.fields_flat()["betas"][2] == [0.9, 0.999]

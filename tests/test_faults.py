@@ -31,7 +31,7 @@ import resvae.checkpoints as CK
 import resvae.runs as R
 import resvae.train as T
 from resvae.cli import main
-from resvae.config import ConfigError, parse_every, resolve
+from resvae.config import ConfigError, Every, resolve
 
 pytestmark = pytest.mark.usefixtures("small_runs")
 
@@ -96,13 +96,13 @@ class SignalAt:
     ("10m", ("seconds", 600.0)), ("90s", ("seconds", 90.0)), ("1h30m", ("seconds", 5400.0)),
     ("45", ("seconds", 45.0))])
 def test_parse_checkpoint_every(text, parsed):
-    assert parse_every(text) == parsed
+    assert Every(text).interval == parsed
 
 
 @pytest.mark.parametrize("text", ["0steps", "steps", "10x", "-5m", "1.5steps"])
 def test_bad_checkpoint_every_is_a_config_error(text):
     with pytest.raises(ConfigError, match="checkpoint_every"):
-        parse_every(text)
+        Every(text)
     with pytest.raises(ConfigError, match="checkpoint_every"):
         cfg_for(checkpoint_every=text)
 

@@ -20,7 +20,7 @@ from .config import (
     field_docs,
     fields_flat,
     load_preset,
-    preset_names,
+    presets_help,
     resolve,
     to_toml,
 )
@@ -394,7 +394,7 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     """The `resvae` parser; `preset` (the --preset of the command line being parsed) makes the
     config flags' help show that preset's values as their defaults."""
-    presets = ", ".join(preset_names())
+    presets = presets_help()
     p = _Parser(
         prog="resvae", description="VAEs with deep residual encoders/decoders: train and measure.",
         epilog=f"Config precedence: {PRECEDENCE}. Presets: {presets}")

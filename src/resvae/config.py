@@ -46,13 +46,114 @@ CHOICES = {
 }
 
 
-def setting(default, help: str, *, unit: str = "", choices=None, choice_help=None):
+_NUM = r"(\d+(?:\.\d+)?|\.\d+)"
+_DURATION = re.compile(f"(?:{_NUM}h)?(?:{_NUM}m)?(?:{_NUM}s)?")  # units in h, m, s order
+_STEPS = re.compile(r"(\d+)\s*steps?")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration: "" -> None (none); "90s", "10m", "2h", "1h30m", "1.5h", "600"
+    (a bare number is seconds). Anything else, zero included, is a ConfigError."""
+    t = text.strip().lower().replace(" ", "")
+    if not t:
+        return None
+    m = _DURATION.fullmatch(t)
+    try:
+        secs = float(t) if m is None or not any(m.groups()) else sum(
+            float(g) * mult for g, mult in zip(m.groups(), (3600, 60, 1)) if g)
+    except ValueError:
+        secs = math.nan
+    if not (math.isfinite(secs) and secs > 0):
+        raise ConfigError(f"expected a positive duration like '90s', '10m', '1h30m', got {text!r}")
+    return secs
+
+
+class Duration(str):
+    """A duration setting (budget, ddp_timeout): the text as the user wrote it ("10m"), so
+    config.json, --print-config and --help show it unchanged, parsed once (by ``validate``) into
+    ``seconds``: None for "" (none)."""
+    seconds: float | None
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.seconds = parse_duration(text)
+        return self
+
+
+class Every(str):
+    """checkpoint_every: its text, parsed once into ``steps`` (a count of updates, "500steps")
+    or ``seconds`` (a duration, "10m"); both None for "" or "0" (at epoch ends only)."""
+    steps: int | None
+    seconds: float | None
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        t = text.strip().lower().replace(" ", "")
+        m = _STEPS.fullmatch(t)
+        self.steps, self.seconds = (int(m.group(1)) if m else None), None
+        try:
+            if m is None and t != "0":
+                self.seconds = parse_duration(t)
+        except ConfigError:
+            self.steps = 0  # neither a count nor a duration: the same error as "0steps"
+        if self.steps == 0:
+            raise ConfigError(f"checkpoint_every: expected a duration like '90s', '10m', a count "
+                              f"of updates like '500steps', or '' / 0 for epoch ends only, got "
+                              f"{text!r}")
+        return self
+
+    @property
+    def interval(self) -> tuple[str, float] | None:
+        """("steps", n), ("seconds", s), or None: how the training loop reads it."""
+        if self.steps:
+            return "steps", self.steps
+        return ("seconds", self.seconds) if self.seconds else None
+
+
+# Fields holding text that validate parses into these types (a wrong form is named there).
+_PARSED = (Duration, Every)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric field's allowed values: ``lo <= x < hi`` (``lo < x`` when ``lo_open``); every
+    upper bound in use is open. NaN never passes. A list field passes when it has ``n`` elements,
+    each in range. ``expected`` overrides the generated wording of the error."""
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    n: int | None = None
+    expected: str = ""
+
+    def holds(self, value) -> bool:
+        if isinstance(value, (list, tuple)):  # TOML/JSON give lists, Python callers tuples
+            return len(value) == self.n and all(self._one(x) for x in value)
+        return self._one(value)
+
+    def _one(self, x) -> bool:
+        # chained comparisons, so NaN (every comparison false) fails both forms
+        return (self.lo < x < self.hi) if self.lo_open else (self.lo <= x < self.hi)
+
+    def describe(self) -> str:
+        if self.expected:
+            return self.expected
+        if self.hi == math.inf and self.lo == 0:
+            return "a positive number" if self.lo_open else "a non-negative number"
+        return f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g})"
+
+
+def setting(default, help: str, *, unit: str = "", choices=None, choice_help=None,
+            lo=None, hi=math.inf, lo_open=False, expected=""):
     """A config field whose documentation lives in its dataclass metadata, in one place: ``help``
     (what it does; what 0 / "" means), ``unit``, ``choices`` (a ``CHOICES`` entry) and
     ``choice_help`` (a line per choice). ``field_docs()`` reads it back; the CLI's --help shows
-    it. List defaults are copied per instance."""
+    it. ``lo``/``hi``/``lo_open``/``expected`` give its ``Range``, which ``validate`` checks
+    (for a list, per element). List defaults are copied per instance."""
     meta = {"help": help, "unit": unit, "choices": tuple(choices) if choices else None,
             "choice_help": dict(choice_help or {})}
+    if lo is not None:
+        n = len(default) if isinstance(default, list) else None
+        meta["range"] = Range(lo, hi, lo_open, n, expected)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -71,10 +172,12 @@ class ModelConfig:
         28, "weight layers on the longest path, encoder + decoder (see README: depth "
         "convention). study: 28, 40, 70, 100. resnet: 4 + 2 x (layers per block) x B with B >= 4 "
         "blocks per side, i.e. basic 20, 24, 28, ..., 1004, bottleneck 28, 34, 40, ..., 1000; "
-        "any other depth is an error naming the nearest valid ones", unit="layers")
+        "any other depth is an error naming the nearest valid ones", unit="layers", lo=0,
+        lo_open=True)
     width: float = setting(1.0, "channel multiplier on every stage's channel count",
-                           unit="x base channels")
-    latent_dim: int = setting(256, "dimensions of the Gaussian latent z", unit="dims")
+                           unit="x base channels", lo=0, lo_open=True)
+    latent_dim: int = setting(256, "dimensions of the Gaussian latent z", unit="dims", lo=0,
+                              lo_open=True)
     likelihood: str = setting(
         "bernoulli", "pixel likelihood p(x|z)", choices=CHOICES["likelihood"], choice_help={
             "bernoulli": "the study's 3072 x BCE on [0, 1] pixels; not a likelihood of 8-bit "
@@ -104,16 +207,17 @@ class ModelConfig:
         False, "zero-init each residual branch's last norm, so every block starts as its "
         "shortcut")
     n_mix: int = setting(10, "mixture components of the dlogistic and dmol likelihoods",
-                         unit="components")
+                         unit="components", lo=0, lo_open=True)
     gaussian_std: float = setting(0.0, "std of the gaussian likelihood; 0 = learned per pixel",
-                                  unit="pixel scale, 0 to 1")
+                                  unit="pixel scale, 0 to 1", lo=0)
     latent_l2: list[float] = setting(
         [0.0, 0.0], "L2 penalty on the latent mean / log-variance layers' weights, added to the "
-        "training loss (the study: 0.01, 0.1)", unit="coefficients (mean, log-variance)")
+        "training loss (the study: 0.01, 0.1)", unit="coefficients (mean, log-variance)", lo=0,
+        expected="two non-negative numbers [mean, log-variance]")
     stochastic_layers: int = setting(
         4, "arch hier only: latent groups (stochastic layers) in its top-down decoder, where "
         "--latent-dim is the channels of one group; study and resnet have one latent layer and "
-        "keep the default", unit="groups")
+        "keep the default", unit="groups", lo=1, expected="a positive integer")
 
 
 @dataclass
@@ -129,12 +233,12 @@ class DataConfig:
     data_dir: str = setting("", "where the data set lives; \"\" = $RESVAE_DATA_DIR, else look in "
                             "the cache dir ($RESVAE_CACHE, default ~/.cache/resvae)", unit="path")
     image_size: int = setting(0, "resize and centre-crop images to this size; 0 = native size",
-                              unit="pixels")
+                              unit="pixels", lo=0)
     subset: int = setting(0, "train on this many class-balanced images; 0 = all",
-                          unit="images")
+                          unit="images", lo=0)
     val_fraction: float = setting(
         0.0, "fraction of train held out for validation; 0 = validate on the test split (as "
-        "the study did)", unit="fraction of the training images, in [0, 1)")
+        "the study did)", unit="fraction of the training images, in [0, 1)", lo=0, hi=1)
     download: bool = setting(False, "download CIFAR-10 into the cache when no local copy is "
                              "found")
     pad_to_32: bool = setting(True, "pad MNIST / Fashion-MNIST's 28x28 images to 32x32")
@@ -143,30 +247,31 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = setting(64, "images per update and process (under torchrun the global "
-                              "batch is this x processes)", unit="images")
+                              "batch is this x processes)", unit="images", lo=0, lo_open=True)
     eval_batch_size: int = setting(500, "images per forward pass in validation and test",
-                                   unit="images")
+                                   unit="images", lo=0, lo_open=True)
     bn_recalibrate: int = setting(
         20, "before each evaluation, recompute BatchNorm's statistics from this many training "
         "batches with the current weights (precise BN), instead of the running averages, which "
         "lag behind fast-changing weights (in deep plain nets, by orders of magnitude); 0 = off",
-        unit="batches")
-    lr: float = setting(1e-3, "Adam learning rate (after warm-up)")
-    betas: list[float] = setting([0.9, 0.999], "Adam's beta1, beta2, each in [0, 1)")
-    weight_decay: float = setting(0.0, "Adam's (L2) weight decay")
+        unit="batches", lo=0)
+    lr: float = setting(1e-3, "Adam learning rate (after warm-up)", lo=0, lo_open=True)
+    betas: list[float] = setting([0.9, 0.999], "Adam's beta1, beta2, each in [0, 1)", lo=0, hi=1,
+                                 expected="two numbers in [0, 1)")
+    weight_decay: float = setting(0.0, "Adam's (L2) weight decay", lo=0)
     warmup_steps: int = setting(0, "linear learning-rate warm-up over this many updates; "
-                                "0 = off", unit="updates")
+                                "0 = off", unit="updates", lo=0)
     kl_anneal_steps: int = setting(0, "KL weight beta 0 -> 1 linearly over this many updates; "
-                                   "0 = off", unit="updates")
+                                   "0 = off", unit="updates", lo=0)
     free_bits: float = setting(0.0, "free bits (Kingma et al. 2016): no KL pressure below this; "
-                               "0 = off", unit="nats per latent dim")
+                               "0 = off", unit="nats per latent dim", lo=0)
     grad_clip: float = setting(0.0, "clip the gradient's global norm to this; 0 = off",
-                               unit="L2 norm")
+                               unit="L2 norm", lo=0)
     skip_threshold: float = setting(
         0.0, "skip updates whose gradient norm exceeds this (non-finite ones are always "
-        "skipped); 0 = off", unit="L2 norm")
+        "skipped); 0 = off", unit="L2 norm", lo=0)
     max_skips: int = setting(20, "more than this many skipped updates in a row stop the run",
-                             unit="updates")
+                             unit="updates", lo=0, lo_open=True)
     guard: str = setting(
         "host", "where the skip guard (non-finite or above --skip-threshold) decides whether to "
         "apply an update", choices=CHOICES["guard"], choice_help={
@@ -175,27 +280,28 @@ class TrainConfig:
             "device": "decided on the device: fused Adam skips through its found_inf, the "
                       "skips are read back every 50 updates (and --max-skips checked then); "
                       "no host sync per update"})
-    max_epochs: int = setting(1000, "stop after this many epochs", unit="epochs")
-    budget: str = setting(
-        "", "wall-clock budget of one invocation (a resumed run gets a fresh one); \"\" = none",
-        unit="duration: 90s, 10m, 2h, 1h30m or 1.5h; a bare number is seconds")
-    checkpoint_every: str = setting(
-        "10m", "also write checkpoints/last.pt inside an epoch this often, so a killed run loses "
-        "at most this much (a resume continues mid-epoch exactly); \"\" or 0 = at epoch ends "
-        "only", unit="duration (90s, 10m, 1h) or a count of updates (500steps)")
-    ddp_timeout: str = setting(
-        "30m", "under torchrun: how long a process waits for the others in one collective "
-        "before it gives up with an error (a hung or dead peer), data decoding on rank 0 "
-        "included", unit="duration: 90s, 10m, 1h")
+    max_epochs: int = setting(1000, "stop after this many epochs", unit="epochs", lo=0,
+                              lo_open=True)
+    budget: Duration = setting(
+        Duration(""), "wall-clock budget of one invocation (a resumed run gets a fresh one); "
+        "\"\" = none", unit="duration: 90s, 10m, 2h, 1h30m or 1.5h; a bare number is seconds")
+    checkpoint_every: Every = setting(
+        Every("10m"), "also write checkpoints/last.pt inside an epoch this often, so a killed "
+        "run loses at most this much (a resume continues mid-epoch exactly); \"\" or 0 = at "
+        "epoch ends only", unit="duration (90s, 10m, 1h) or a count of updates (500steps)")
+    ddp_timeout: Duration = setting(
+        Duration("30m"), "under torchrun: how long a process waits for the others in one "
+        "collective before it gives up with an error (a hung or dead peer), data decoding on "
+        "rank 0 included", unit="duration: 90s, 10m, 1h")
     patience: int = setting(0, "early stopping: stop after this many epochs without a "
-                            "validation gain above --min-delta; 0 = off", unit="epochs")
+                            "validation gain above --min-delta; 0 = off", unit="epochs", lo=0)
     min_delta: float = setting(0.0, "the validation gain early stopping counts as one",
-                               unit="nats per image")
+                               unit="nats per image", lo=0)
     plateau_patience: int = setting(0, "ReduceLROnPlateau: cut the lr after this many epochs "
-                                    "without validation gain; 0 = off", unit="epochs")
+                                    "without validation gain; 0 = off", unit="epochs", lo=0)
     plateau_factor: float = setting(0.5, "ReduceLROnPlateau: multiply the lr by this",
-                                    unit="factor in (0, 1)")
-    min_lr: float = setting(0.0, "ReduceLROnPlateau: the lr never goes below this")
+                                    unit="factor in (0, 1)", lo=0, hi=1, lo_open=True)
+    min_lr: float = setting(0.0, "ReduceLROnPlateau: the lr never goes below this", lo=0)
     lr_schedule: str = setting(
         "constant", "learning rate after warm-up", choices=CHOICES["lr_schedule"], choice_help={
             "constant": "--lr throughout (ReduceLROnPlateau may still cut it)",
@@ -204,8 +310,8 @@ class TrainConfig:
     ema: float = setting(
         0.0, "keep an exponential moving average of the weights with this decay and use it for "
         "validation, test, samples and the saved weights (VDVAE: 0.9999); 0 = off",
-        unit="decay in [0, 1)")
-    seed: int = setting(0, "seed of the initialisation, data order and held-out split")
+        unit="decay in [0, 1)", lo=0, hi=1)
+    seed: int = setting(0, "seed of the initialisation, data order and held-out split", lo=0)
     device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     precision: str = setting(
         "fp32", "arithmetic precision", choices=CHOICES["precision"], choice_help={
@@ -213,11 +319,11 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels_last memory format")
     sync_bn: bool = setting(False, "SyncBatchNorm across processes under torchrun")
     sample_every: int = setting(10, "write sample/reconstruction grids every this many epochs, "
-                                "and always at the end; 0 = at the end only", unit="epochs")
+                                "and always at the end; 0 = at the end only", unit="epochs", lo=0)
     log_every: int = setting(
         50, "read the training loss, rate, distortion and gradient norm back from the device "
         "every this many updates, as means over them, for --tensorboard and callbacks; 0 = "
-        "only the epoch means", unit="updates")
+        "only the epoch means", unit="updates", lo=0)
     tensorboard: bool = setting(False, "write TensorBoard event files into RUN_DIR/tensorboard/ "
                                 "(needs pip install 'resvae[tensorboard]')")
     compile: bool = setting(False, "torch.compile the model's forward for training and "
@@ -298,6 +404,8 @@ def _resolve_key(key: str, source: str) -> str:
 
 def _check(key: str, typ, value, source: str):
     """Strict type check; returns the value (ints widened to float for float fields)."""
+    if typ in _PARSED:  # text here; validate parses it (and names the form it expects)
+        typ = str
     if typing.get_origin(typ) is list:
         if isinstance(value, (list, tuple)):
             with contextlib.suppress(ConfigError):
@@ -323,7 +431,7 @@ def parse_value(field_type, text: str, key: str, source: str):
             return t.lower() in _TRUE
         if field_type in (int, float):
             return field_type(t)
-        if field_type is str:
+        if field_type is str or field_type in _PARSED:
             return text
         if typing.get_origin(field_type) is list:
             inner = t[1:-1] if t.startswith("[") and t.endswith("]") else t
@@ -362,109 +470,52 @@ def apply_dict(cfg: RunConfig, d: Mapping, source: str = "dict") -> RunConfig:
     return cfg
 
 
-_NUM = r"(\d+(?:\.\d+)?|\.\d+)"
-_BUDGET = re.compile(f"(?:{_NUM}h)?(?:{_NUM}m)?(?:{_NUM}s)?")  # units in h, m, s order
-
-
-def parse_budget(s: str) -> float | None:
-    """Wall-clock budget in seconds: "" -> None; "90s", "10m", "2h", "1h30m", "1.5h", "600"."""
-    t = s.strip().lower().replace(" ", "")
-    if not t:
-        return None
-    m = _BUDGET.fullmatch(t)
-    try:
-        secs = float(t) if m is None or not any(m.groups()) else sum(
-            float(g) * mult for g, mult in zip(m.groups(), (3600, 60, 1)) if g)
-    except ValueError:
-        secs = math.nan
-    if not (math.isfinite(secs) and secs > 0):
-        raise ConfigError(f"budget: expected a positive duration like '90s', '10m', '1h30m', "
-                          f"got {s!r}")
-    return secs
-
-
-_STEPS = re.compile(r"(\d+)\s*steps?")
-
-
-def parse_every(s: str) -> tuple[str, float] | None:
-    """A checkpoint interval: "" or "0" -> None; "500steps" -> ("steps", 500); a duration
-    ("90s", "10m", a bare number of seconds) -> ("seconds", 600.0)."""
-    t = s.strip().lower().replace(" ", "")
-    if t in ("", "0"):
-        return None
-    if m := _STEPS.fullmatch(t):
-        if int(m.group(1)) > 0:
-            return "steps", int(m.group(1))
-        raise ConfigError(f"checkpoint_every: expected a positive count of steps, got {s!r}")
-    try:
-        return "seconds", parse_budget(t)
-    except ConfigError:
-        raise ConfigError(f"checkpoint_every: expected a duration like '90s', '10m', a count "
-                          f"of updates like '500steps', or '' / 0 for epoch ends only, got {s!r}") \
-            from None
-
-
-def _every_ok(s: str) -> bool:
-    try:
-        parse_every(s)
-        return True
-    except ConfigError:
-        return False
-
-
-def _budget_ok(s: str) -> bool:
-    try:
-        parse_budget(s)
-        return True
-    except ConfigError:
-        return False
-
-
 # Names users may still type after a rename: each gets an error that names its successor.
 RENAMED = {"arch": {"seed": "study"}}
 RENAMED_PRESETS = {f"seed-{d}": f"study-{d}" for d in (28, 40, 70, 100)}
 RENAMED_PRESETS["hier-cpu"] = "cpu"  # the hierarchical model became the main job
-_POSITIVE = ("depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
-             "max_skips", "max_epochs")
-_NONNEG = ("gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
-           "kl_anneal_steps", "free_bits", "grad_clip", "skip_threshold", "patience", "min_delta",
-           "plateau_patience", "min_lr", "seed", "sample_every", "log_every", "bn_recalibrate")
+_RANGES = {f.name: f.metadata["range"] for cls in SECTIONS.values()
+           for f in dataclasses.fields(cls) if "range" in f.metadata}
+
+
+def _parse_or_none(typ, text: str):
+    """``text`` parsed as ``typ`` (Duration, Every), or None when it is not one: validate names
+    the expected form."""
+    try:
+        return typ(text)
+    except ConfigError:
+        return None
 
 
 def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
-    """Check types and value ranges; ``sources`` (key -> where it was set) enriches messages."""
+    """Check types and value ranges; ``sources`` (key -> where it was set) enriches messages.
+    The duration texts are parsed here, once, into Duration / Every values set on ``cfg`` (the
+    text unchanged), so the code that uses them reads seconds and steps."""
     def where(key):
         return f" (from {sources[key]})" if sources and key in sources else ""
 
     v = {k: getattr(getattr(cfg, sec), k) for k, (sec, _, _) in _FIELDS.items()}
     for key, (sec, typ, _) in _FIELDS.items():
         _check(f"{sec}.{key}", typ, v[key], "config" + where(key))
-    # (key, ok, expected); the `not` / chained comparisons below also reject NaN and inf
     for key, old_new in RENAMED.items():
         if v[key] in old_new:
             raise ConfigError(f"{_FIELDS[key][0]}.{key}{where(key)}: {v[key]!r} was renamed to "
                               f"{old_new[v[key]]!r}")
+    parsed = {k: _parse_or_none(typ, v[k]) for k, (_, typ, _) in _FIELDS.items() if typ in _PARSED}
+    # (key, ok, expected); a Range also rejects NaN and inf
     checks = [(k, v[k] in c, "one of " + ", ".join(c)) for k, c in CHOICES.items()]
-    checks += [(k, 0 < v[k] < math.inf, "a positive number") for k in _POSITIVE]
-    checks += [(k, 0 <= v[k] < math.inf, "a non-negative number") for k in _NONNEG]
+    checks += [(k, r.holds(v[k]), r.describe()) for k, r in _RANGES.items()]
     checks += [
-        ("latent_l2", len(v["latent_l2"]) == 2 and all(0 <= x < math.inf for x in v["latent_l2"]),
-         "two non-negative numbers [mean, log-variance]"),
-        ("betas", len(v["betas"]) == 2 and all(0 <= b < 1 for b in v["betas"]),
-         "two numbers in [0, 1)"),
-        ("val_fraction", 0 <= v["val_fraction"] < 1, "a number in [0, 1)"),
-        ("ema", 0 <= v["ema"] < 1, "a number in [0, 1)"),
         ("lr_schedule", v["lr_schedule"] == "constant" or v["plateau_patience"] == 0,
          "'constant' with --plateau-patience (two schedules would fight over the lr)"),
-        ("plateau_factor", 0 < v["plateau_factor"] < 1, "a number in (0, 1)"),
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v["device"]) is not None,
          "auto, cpu, cuda, cuda:N or mps"),
-        ("budget", _budget_ok(v["budget"]), "'' or a positive duration like '90s', '10m', '1h30m'"),
-        ("checkpoint_every", _every_ok(v["checkpoint_every"]),
+        ("budget", parsed["budget"] is not None,
+         "'' or a positive duration like '90s', '10m', '1h30m'"),
+        ("checkpoint_every", parsed["checkpoint_every"] is not None,
          "'' / 0, a duration like '90s', '10m', or a count of updates like '500steps'"),
-        ("ddp_timeout", _budget_ok(v["ddp_timeout"]) and v["ddp_timeout"].strip() != "",
+        ("ddp_timeout", parsed["ddp_timeout"] is not None and parsed["ddp_timeout"].seconds,
          "a positive duration like '90s', '10m', '1h'"),
-        ("stochastic_layers", v["stochastic_layers"] >= 1, "a positive integer"),
         ("stochastic_layers", v["arch"] == "hier" or v["stochastic_layers"] == _FIELDS[
             "stochastic_layers"][2], f"its default {_FIELDS['stochastic_layers'][2]} with arch "
          f"{v['arch']!r} (only arch 'hier' has several stochastic layers)"),
@@ -473,12 +524,27 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         if not ok:
             raise ConfigError(f"{_FIELDS[key][0]}.{key}{where(key)}: expected {expected}, "
                               f"got {v[key]!r}")
+    for key, value in parsed.items():
+        setattr(getattr(cfg, _FIELDS[key][0]), key, value)
 
 
 def preset_names() -> list[str]:
-    """Names of the bundled presets (``resvae/configs/*.toml``)."""
+    """Names of the bundled presets (``resvae/configs/*.toml``); aliases (``PRESET_ALIASES``)
+    are not among them."""
     root = resources.files("resvae") / "configs"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+# The study's four networks are one preset at four depths; their old preset names stay as
+# aliases: alias -> (preset, the settings it adds).
+STUDY_DEPTHS = (28, 40, 70, 100)
+PRESET_ALIASES = {f"study-{d}": ("study", {"model": {"depth": d}}) for d in STUDY_DEPTHS}
+
+
+def presets_help() -> str:
+    """The presets as --help and errors list them: the files, then what the aliases mean."""
+    return (", ".join(preset_names()) + " (" + ", ".join(PRESET_ALIASES)
+            + ": study at that --depth)")
 
 
 def _loads(text: str, label: str) -> dict:
@@ -489,11 +555,17 @@ def _loads(text: str, label: str) -> dict:
 
 
 def load_preset(name: str) -> dict:
-    """Nested dict of a bundled preset's TOML."""
+    """Nested dict of a bundled preset's TOML; an alias's adds its settings (study-40: depth)."""
     if name in RENAMED_PRESETS:
         raise ConfigError(f"preset {name!r} was renamed to {RENAMED_PRESETS[name]!r}")
-    if name not in (names := preset_names()):
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(names)}")
+    if name in PRESET_ALIASES:
+        base, extra = PRESET_ALIASES[name]
+        raw = load_preset(base)
+        for section, values in extra.items():
+            raw.setdefault(section, {}).update(values)
+        return raw
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; available: {presets_help()}")
     path = resources.files("resvae") / "configs" / f"{name}.toml"
     return _loads(path.read_text(encoding="utf-8"), f"preset {name!r}")
 
@@ -562,8 +634,10 @@ def resolve(preset: str | None = None, config_file: str | None = None,
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    """Nested, JSON-serialisable dict."""
-    return dataclasses.asdict(cfg)
+    """Nested, JSON-serialisable dict; Duration / Every values become their plain text (a
+    checkpoint's config loads under torch.load(weights_only=True))."""
+    return {sec: {k: str(v) if isinstance(v, str) else v for k, v in values.items()}
+            for sec, values in dataclasses.asdict(cfg).items()}
 
 
 def _toml_value(v) -> str:

@@ -29,7 +29,7 @@ from .checkpoints import (
     save_checkpoint,
     save_weights,
 )
-from .config import ConfigError, RunConfig, parse_budget, parse_every, save_json
+from .config import ConfigError, RunConfig, save_json
 from .data import Splits, iterate_batches, load_splits, num_batches, to_input
 from .evaluate import evaluate, recalibrate_batchnorm
 from .generate import save_epoch_grids
@@ -145,7 +145,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
     write: a run that fails before then leaves the old one whole.
     """
     t_start = time.monotonic()
-    rt = D.setup(cfg.train.device, timeout=parse_budget(cfg.train.ddp_timeout))
+    rt = D.setup(cfg.train.device, timeout=cfg.train.ddp_timeout.seconds)
     s = None
     try:
         s, state = _setup(cfg, RunDir(out_dir), rt, data, resume, resume_from, argv, progress,
@@ -201,8 +201,7 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
                        EarlyStopping(tc.patience, tc.min_delta), m.ema)
     s = Session(cfg, rt, run, data, m.model, m.precision,
                 bar=rt.is_main and (_want_bar() if progress is None else progress), argv=argv,
-                budget=parse_budget(tc.budget),
-                every=parse_every(tc.checkpoint_every),
+                budget=tc.budget.seconds, every=tc.checkpoint_every.interval,
                 window=Window(torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=rt.device)))
     _check_batches(s)  # before anything is written
     resumed = _resume(s, state, resume_from) if resume else None
