@@ -6,7 +6,6 @@ environment. Skipped unless the `notebook` extra is installed.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -33,12 +32,9 @@ def test_committed_notebook_is_clean():
     assert [c for c in code if "parameters" in c["metadata"].get("tags", [])]
 
 
-def test_notebook_runs_headless(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
+def test_notebook_runs_headless(tmp_path, clean_env, monkeypatch):
+    # clean_env: the caller's RESVAE_* settings must not reach the kernel
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for var in list(os.environ):  # the caller's RESVAE_* settings must not reach the kernel
-        if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
-            monkeypatch.delenv(var)
     run, executed = tmp_path / "run", tmp_path / "executed.ipynb"
 
     nb = papermill.execute_notebook(
