@@ -1,4 +1,6 @@
 import os
+import socket
+from pathlib import Path
 
 # Tests run on 2 shared cores: keep torch from oversubscribing them. Set before torch is
 # imported (below, through resvae), or it has no effect.
@@ -56,11 +58,46 @@ def train_small(cfg, out, **kw):
 
 
 @pytest.fixture
-def small_runs(tmp_path, monkeypatch):
+def small_runs(clean_env, monkeypatch):
     """A private data cache, no RESVAE_* variables from the caller, and small eval splits for
     the runs that go through the command line (direct `train()` calls pass `data=` instead)."""
-    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
-    for var in list(os.environ):
-        if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
-            monkeypatch.delenv(var)
     monkeypatch.setattr(data_module, "load_dataset", small_load)
+
+
+# --- the environment of a test's runs and child processes ------------------------------------
+DDP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clear_resvae_env(mp: pytest.MonkeyPatch, cache) -> None:
+    """Through `mp` (undone with it): RESVAE_CACHE set to `cache`, a private data cache, and
+    every other RESVAE_* variable of the caller's removed, so none of its settings reaches a
+    test's runs. For module-scoped fixtures; a test takes the `clean_env` fixture."""
+    mp.setenv("RESVAE_CACHE", str(cache))
+    for var in [v for v in os.environ if v.startswith("RESVAE_") and v != "RESVAE_CACHE"]:
+        mp.delenv(var)
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    """clear_resvae_env for one test, its cache under tmp_path; returns tmp_path."""
+    clear_resvae_env(monkeypatch, tmp_path / "cache")
+    return tmp_path
+
+
+def child_env(tmp_path) -> dict:
+    """The environment of a `python -m resvae` (or torchrun) child process: the caller's, less
+    its RESVAE_* and DDP variables, with a private cache under tmp_path, one thread, and the
+    resvae this test imported first on the path."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RESVAE_") and k not in DDP_VARS}
+    src = str(Path(T.__file__).resolve().parents[1])  # .../src of the resvae imported here
+    env.update(RESVAE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 at this moment, for a DDP rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -21,19 +21,14 @@ FAST = ["--device", "cpu", "--max-epochs", "1", "--sample-every", "0"]
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A private cache, no RESVAE_* variables from the caller, and a network that fails the
-    test if anything touches it (only --download may)."""
-    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
-    for var in list(os.environ):
-        if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
-            monkeypatch.delenv(var)
-
+def env(clean_env, monkeypatch):
+    """A private cache, no RESVAE_* variables from the caller (clean_env), and a network that
+    fails the test if anything touches it (only --download may)."""
     def no_network(*a, **k):
         raise AssertionError("the network was touched")
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(data, "_download", no_network)
-    return tmp_path
+    return clean_env
 
 
 # ----------------------------------------------------------------------------- inputs on disk

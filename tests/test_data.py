@@ -20,12 +20,9 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    # Never touch ~/.cache or a real data dir from the environment.
-    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("RESVAE_DATA", raising=False)  # the cache dir's deprecated old name
-    monkeypatch.delenv("RESVAE_DATA_DIR", raising=False)
+# Never touch ~/.cache or a real data dir from the environment (RESVAE_DATA_DIR, or RESVAE_DATA,
+# the cache dir's deprecated old name).
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 # ----------------------------------------------------------------------------- CIFAR-10 fakes

@@ -11,7 +11,6 @@ Plus one launch through the real launcher, `python -m torch.distributed.run ... 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,6 @@ PER_RANK = 8  # per-rank batch b; the 1-process reference uses 2b
 STEPS = 3
 # Small: at 1e-4, float32 rounding alone (a permuted batch) shifts weights by 1e-3 in 3 steps.
 LR = 3e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(**overrides):
@@ -158,13 +151,13 @@ def _worker(rank, port, out):
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory):
     import torch.multiprocessing as mp
+    from conftest import clear_resvae_env, free_port
 
     out = tmp_path_factory.mktemp("ddp")
-    old = os.environ.get("RESVAE_CACHE")
-    os.environ["RESVAE_CACHE"] = str(out / "cache")  # inherited by the spawned workers
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        clear_resvae_env(env, out / "cache")  # inherited by the spawned workers
         _small_splits()  # fill nothing on disk (shapes is generated) but fail early if broken
-        ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD,
+        ctx = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + 120
         while not ctx.join(timeout=1):
@@ -172,11 +165,6 @@ def ddp_out(tmp_path_factory):
                 for p in ctx.processes:
                     p.kill()
                 pytest.fail("DDP workers did not finish in 120 s")
-    finally:
-        if old is None:
-            os.environ.pop("RESVAE_CACHE", None)
-        else:
-            os.environ["RESVAE_CACHE"] = old
     return out
 
 
@@ -299,14 +287,12 @@ def test_without_sync_bn_ranks_differ_from_one_process(ddp_out, reference):
 
 @pytest.mark.slow  # 8-17 s on 2 shared cores: two fresh interpreters importing torch, then a run
 def test_torchrun_launch_end_to_end(tmp_path):
+    from conftest import child_env, free_port
+
     run = tmp_path / "run"
-    env = {**os.environ, "RESVAE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    for var in list(env):
-        if var.startswith("RESVAE_") and var != "RESVAE_CACHE" or var in (
-                "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var)
+    env = child_env(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "resvae",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "resvae",
            "train", "--preset", "tiny", "--out", str(run), "--max-epochs", "1", "--subset", "256",
            "--device", "cpu", "--val-fraction", "0.25", "--sample-every", "0"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

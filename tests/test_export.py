@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import train_small
+from conftest import clear_resvae_env, train_small
 
 import resvae
 import resvae.checkpoints as CK
@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     """One tiny trained run (2 epochs; best = the better one) shared by the tests here."""
     out = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESVAE_CACHE", str(out / "cache"))
+        clear_resvae_env(mp, out / "cache")
         cfg = resolve(preset="tiny", environ={}, overrides={
             "subset": 64, "batch_size": 16, "device": "cpu", "max_epochs": 2, "sample_every": 0})
         train_small(cfg, out / "run")

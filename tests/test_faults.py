@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_dataset, train_small
+from conftest import child_env, free_port, load_dataset, train_small
 from PIL import Image
 
-import resvae
 import resvae.checkpoints as CK
 import resvae.runs as R
 import resvae.train as T
@@ -410,15 +408,6 @@ def image_folder(root: Path, n_train=192, n_test=24) -> Path:
     return root
 
 
-def child_env(tmp_path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RESVAE_") and k not in (
-        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    src = str(Path(resvae.__file__).resolve().parents[1])  # the resvae this test imported
-    env.update(RESVAE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
-    return env
-
-
 def train_cmd(data: Path, out: Path, *extra) -> list:
     return [sys.executable, "-m", "resvae", "train", "--preset", "tiny", "--dataset", "folder",
             "--data-dir", str(data), "--subset", "0", "--batch-size", "16", "--device", "cpu",
@@ -506,12 +495,6 @@ def test_signal_to_a_running_train_command(tmp_path, signum, status):
     assert f"resvae train --resume {run}" in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _workers(parent: int) -> dict:
     """{rank: pid} of torchrun's worker processes (Linux /proc)."""
     out = {}
@@ -537,7 +520,7 @@ def test_one_ddp_rank_killed_the_other_exits_and_the_run_resumes(tmp_path):
 
     def torchrun(*args):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m",
                 "resvae", "train", *args]
 
     cmd = torchrun(*train_cmd(data, run, "--max-epochs", "100", "--checkpoint-every", "2steps",

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_load
+from PIL import Image
 from torch import nn
 
 import resvae.step as S
 import resvae.train as T
 import resvae.vae as V
-from resvae import build_vae
+from resvae import build_vae, load_run
+from resvae.checkpoints import save_pretrained
 from resvae.cli import main
 from resvae.config import ConfigError, resolve
 from resvae.evaluate import active_units, eval_run
@@ -295,11 +297,34 @@ def test_train_end_to_end_then_eval_and_images(small_runs, tmp_path):
     data = small_load("shapes", subset=64)
     r = eval_run(tmp_path / "run", k=8, n=6, batch_size=3, data=data)
     assert r["n_images"] == 6 and r["iwae_nats"] <= r["elbo_nats"] + 3 * r["elbo_nats_se"]
-    assert r["latent_dim"] == 4 * (1 + 16 + 64 + 256) and 0 <= r["active_units"] <= r["latent_dim"]
-    for path, fn, kw in [("s.png", sample_run, {"n": 4}),
-                         ("r.png", reconstruct_run, {"n": 10}),
-                         ("i.png", interpolate_run, {"pairs": 2, "steps": 3})]:
-        assert fn(tmp_path / "run", tmp_path / path, **kw).stat().st_size > 0
+    assert r["latent_dim"] == 4 * (1 + 16 + 64 + 256)
+    # A known count: the run's weights with the posterior heads of the two lowest-resolution
+    # groups (4 channels at 1x1 and at 4x4: 4 + 64 units) reading their input with large
+    # weights, and those of the other two zeroed to a constant mean (a bias alone).
+    vae, cfg = load_run(tmp_path / "run")
+    groups = [m for m in vae.decoder.modules() if isinstance(m, LatentGroup)]
+    assert [s[1:] for s in vae.decoder.group_shapes] == [(1, 1), (4, 4), (8, 8), (16, 16)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, group in enumerate(groups):
+            head = group.posterior[1]
+            head.weight.copy_(2 * torch.randn(head.weight.shape, generator=g) * (i < 2))
+    # (scale 2: the least varying of the 68 means has variance 0.47 on these images, far over the
+    # 0.01 threshold; a scale of 10 overflowed the state, and NaN means count as inactive)
+    evaluated = data.test.images[[0, 13, 25, 38, 50, 63]]  # eval_run's 6 evenly spaced
+    with torch.no_grad():
+        assert vae.encode(torch.from_numpy(evaluated).float() / 255)[0].isfinite().all()
+    save_pretrained(vae, cfg, tmp_path / "hand")
+    r = eval_run(tmp_path / "hand", k=2, n=6, batch_size=3, data=data)
+    assert r["active_units"] == 4 + 4 * 16
+
+    cell = 32 + 1  # 32x32 images with 1-pixel gutters
+    for path, fn, kw, size in [("s.png", sample_run, {"n": 4}, (4 * cell + 1, cell + 1)),
+                               # 10 images and their 10 reconstructions: 2 rows of 10
+                               ("r.png", reconstruct_run, {"n": 10}, (10 * cell + 1, 2 * cell + 1)),
+                               ("i.png", interpolate_run, {"pairs": 2, "steps": 3},
+                                (3 * cell + 1, 2 * cell + 1))]:
+        assert Image.open(fn(tmp_path / "run", tmp_path / path, **kw)).size == size
 
 
 def test_preset_and_gpu_sweep_are_valid():

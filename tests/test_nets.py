@@ -72,6 +72,7 @@ def test_image_shapes(arch, depth, channels, size):
     assert vae.sample(3).shape == (3, channels, size, size)
 
 
+@pytest.mark.slow  # ~2.3 s each: a 1004-layer forward and backward on 2 shared cores
 @pytest.mark.parametrize("preact", [False, True])
 def test_thousand_layer_resnet_trains_on_cpu(preact):
     vae = build_vae(arch="resnet", depth=1004, width=1 / 16, latent_dim=8, block="basic", preact=preact,

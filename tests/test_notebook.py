@@ -6,7 +6,6 @@ environment. Skipped unless the `notebook` extra is installed.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -33,15 +32,7 @@ def test_committed_notebook_is_clean():
     assert [c for c in code if "parameters" in c["metadata"].get("tags", [])]
 
 
-def _clean_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESVAE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for var in list(os.environ):  # the caller's RESVAE_* settings must not reach the kernel
-        if var.startswith("RESVAE_") and var != "RESVAE_CACHE":
-            monkeypatch.delenv(var)
-
-
-def test_notebook_defaults_run(tmp_path, monkeypatch):
+def test_notebook_defaults_run(tmp_path, clean_env, monkeypatch):
     """The parameters as committed (preset cpu, CIFAR-10, download on), only the budget tiny.
 
     The kernel finds a small CIFAR-10 in the real python-batches format through RESVAE_DATA_DIR,
@@ -49,7 +40,7 @@ def test_notebook_defaults_run(tmp_path, monkeypatch):
     """
     from test_data import _write_cifar_dir
 
-    _clean_env(tmp_path, monkeypatch)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("RESVAE_DATA_DIR", str(_write_cifar_dir(tmp_path / "data")))
     nb = papermill.execute_notebook(
         str(NOTEBOOK), str(tmp_path / "executed.ipynb"), parameters=dict(budget="5s"),
@@ -62,8 +53,9 @@ def test_notebook_defaults_run(tmp_path, monkeypatch):
     assert json.loads((run / "summary.json").read_text())["stop_reason"] == "budget"
 
 
-def test_notebook_runs_headless(tmp_path, monkeypatch):
-    _clean_env(tmp_path, monkeypatch)
+def test_notebook_runs_headless(tmp_path, clean_env, monkeypatch):
+    # clean_env: the caller's RESVAE_* settings must not reach the kernel
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run, executed = tmp_path / "run", tmp_path / "executed.ipynb"
 
     nb = papermill.execute_notebook(

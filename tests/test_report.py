@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from conftest import small_load
+from conftest import clear_resvae_env, small_load
 from PIL import Image
 
 import resvae.data as data_module
@@ -42,9 +42,7 @@ def sweep(tmp_path_factory):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as undo:
         undo.callback(torch.set_num_threads, threads)
-        mp.setenv("RESVAE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        for var in [v for v in os.environ if v.startswith("RESVAE_") and v != "RESVAE_CACHE"]:
-            mp.delenv(var)
+        clear_resvae_env(mp, tmp_path_factory.mktemp("cache"))
         mp.setattr(data_module, "load_dataset", small_load)
         entries = []
         for depth, shortcut in RUNS:

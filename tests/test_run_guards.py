@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import train_small
+from safetensors.torch import load_file
 
 import resvae.checkpoints as CK
 import resvae.generate as G
@@ -60,6 +61,10 @@ def _files(run):
 
 def _epochs(run):
     return [r["epoch"] for r in R.read_metrics(run)]
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class Payload:
@@ -139,12 +144,24 @@ def test_crafted_checkpoint_refused_by_every_loader(run, tmp_path, capsys):
 
 def test_empty_best_pt_does_not_block_resume(run, capsys):
     best = run / "checkpoints" / "best.pt"
+    epoch1 = CK.load_checkpoint(run / "checkpoints" / "last.pt")  # also the best so far
+    shared = R.RunDir(run).safetensors  # written at the end from the best weights in memory
+    shared.unlink()
     best.write_bytes(b"")
     rc, err, _ = _cli(["train", "--resume", str(run), "--max-epochs", "2"], capsys)
     assert rc == 0, err
     assert f"warning: {best}: empty file" in err and "rewritten from the resumed checkpoint" in err
+    val = [r["val_loss"] for r in R.read_metrics(run)]
     assert _epochs(run) == [1, 2]
-    assert CK.load_checkpoint(best)["epoch"] in (1, 2)  # repaired, or replaced by a better epoch
+    # The premise (fixed seed): epoch 2 validates worse, so it does not replace the repair, and
+    # best.pt must be epoch 1's checkpoint again, weights and all, ...
+    assert val[1] > val[0] and R.read_summary(run)["best_epoch"] == 1
+    repaired = CK.load_checkpoint(best)
+    assert repaired["epoch"] == 1 and repaired["progress"] is None
+    assert _same_tensors(CK.eval_weights(repaired), CK.eval_weights(epoch1))
+    # ... and the run ended on the repaired weights (tested and shared; without them in memory
+    # it would test epoch 2's and share none)
+    assert _same_tensors(load_file(str(shared)), CK.eval_weights(epoch1))
 
 
 def test_broken_best_pt_of_an_earlier_epoch_is_said_lost(run, capsys):

@@ -11,11 +11,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import train_small
+from conftest import N_EVAL, small_data, train_small
 from PIL import Image
 
 import resvae.train as T
 from resvae import load_run
+from resvae.checkpoints import save_pretrained
 from resvae.cli import main
 from resvae.config import resolve
 from resvae.data import to_input
@@ -25,6 +26,13 @@ from resvae.sweep import SweepSpec, load_sweep_file, sweep
 pytestmark = pytest.mark.usefixtures("small_runs")
 
 TINY = {"subset": 64, "max_epochs": 2, "sample_every": 0}
+
+
+def _active(vae, images, threshold=0.01) -> int:
+    """Active units the direct way: the variance of the posterior means over all images at once."""
+    with torch.no_grad():
+        means = vae.encode(to_input(torch.from_numpy(images), "cpu", False))[0].double()
+    return int((means.var(0) > threshold).sum())
 
 
 def _spec(**kw):
@@ -62,7 +70,11 @@ def test_sweep_2x2_writes_results_figures_report_and_rerun_trains_nothing(tmp_pa
         assert float(r["test_iwae_bpd"]) == pytest.approx(ev["iwae_bpd"])
         assert ev["iwae_bpd"] <= ev["elbo_bpd"]  # on the same images
         assert float(r["test_bpd"]) == pytest.approx(read_summary(out / r["name"])["test_bpd"])
-        assert int(r["active_units"]) >= 0
+        # the row shows the eval's count, and that is the count of this run's weights on the 8
+        # evaluated test images, recomputed here in one pass
+        vae, cfg = load_run(out / r["name"])
+        evaluated = small_data(cfg).test.images[np.linspace(0, N_EVAL - 1, 8).round().astype(int)]
+        assert int(r["active_units"]) == ev["active_units"] == _active(vae, evaluated)
     assert {r["layers"] for r in rows} == {"20", "24"}
     md = (out / "results.md").read_text()
     assert sum(line.startswith("| depth0") for line in md.splitlines()) == 4
@@ -71,7 +83,15 @@ def test_sweep_2x2_writes_results_figures_report_and_rerun_trains_nothing(tmp_pa
     # every run evaluated, with its own weights' summary
     for n in names:
         assert json.loads((out / n / "eval.json").read_text())["k"] == 4
-        assert read_summary(out / n)["params"] > 0
+        # the encoder's and decoder's parameters, counted here from the saved model
+        vae = load_run(out / n)[0]
+        assert read_summary(out / n)["params"] == sum(
+            p.numel() for m in (vae.encoder, vae.decoder) for p in m.parameters())
+    # a deeper net of the same width has more parameters
+    params = {n: read_summary(out / n)["params"] for n in names}
+    assert params["depth020-identity"] < params["depth024-identity"]
+    # and "none" drops the projection shortcuts (1x1 convs where the shape changes) identity has
+    assert params["depth020-none"] < params["depth020-identity"]
 
     # The same sweep again: nothing trains, results are rewritten identically.
     before = {n: (out / n / "checkpoints" / "last.pt").stat().st_mtime_ns for n in names}
@@ -171,7 +191,28 @@ def test_eval_iwae_is_no_looser_than_the_elbo(trained, capsys):
     assert r["iwae_bpd"] <= r["elbo_bpd"]
     assert r["elbo_nats_se"] > 0 and r["iwae_nats_se"] > 0
     assert r["elbo_bpd"] == pytest.approx(r["elbo_nats"] / (3072 * np.log(2)))
-    assert 0 <= r["active_units"] <= r["latent_dim"] == 8
+    assert r["latent_dim"] == 8
+    vae, cfg = load_run(trained)  # the count of the 16 evenly spaced test images, in one pass
+    evaluated = small_data(cfg).test.images[np.linspace(0, N_EVAL - 1, 16).round().astype(int)]
+    assert r["active_units"] == _active(vae, evaluated)
+
+
+def test_eval_counts_exactly_the_units_whose_posterior_mean_varies(trained, tmp_path, capsys):
+    # The trained run's weights with the mean rows of the latent layer set by hand: units 1, 4
+    # and 6 read the features with large weights (their means vary over images by far more than
+    # the 0.01 threshold); the other five have zero weights and a bias, so a constant mean.
+    vae, cfg = load_run(trained)
+    active = [1, 4, 6]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w, b = vae.encoder.latent.weight, vae.encoder.latent.bias  # rows: means, then logvars
+        w[:8] = 0.0
+        b[:8] = torch.randn(8, generator=g)
+        w[active] = 10 * torch.randn(len(active), w.shape[1], generator=g)
+    save_pretrained(vae, cfg, tmp_path / "hand")
+    assert main(["eval", str(tmp_path / "hand"), "--k", "2", "--n", "16", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["active_units"] == len(active) and r["latent_dim"] == 8
 
 
 def test_sample_reconstruct_interpolate_write_grids_of_the_right_size(trained, tmp_path):

@@ -99,11 +99,24 @@ def test_iwae_is_tighter_than_the_elbo():
     assert iw.mean() >= elbo.mean()
 
 
-def test_iwae_k1000_fits_in_chunks():
+def test_iwae_k1000_in_chunks_is_the_unchunked_value():
     vae = tiny()
+    x = torch.rand(2, 3, 32, 32)  # two images: a mix-up of images across chunks would show
+    # max_batch=240: 8 chunks of 120 samples and a short last one of 40. Premise: each chunk draws
+    # a multiple of 16 normals (120 or 40 samples x 2 images x 4 latents), and the CPU generator
+    # fills normals 16 at a time, so the chunks' draws are the one draw's, in order. Same seed,
+    # same samples: only the chunking differs.
+    torch.manual_seed(7)
+    whole = torch.randn(1000, 2, 4)
+    torch.manual_seed(7)
+    assert torch.equal(torch.cat([torch.randn(c, 2, 4) for c in [120] * 8 + [40]]), whole)
     with torch.no_grad():
-        ll = vae.iwae(torch.rand(1, 3, 32, 32), 1000, max_batch=250)
-    assert ll.shape == (1,) and torch.isfinite(ll).all()
+        torch.manual_seed(7)
+        chunked = vae.iwae(x, 1000, max_batch=240)
+        torch.manual_seed(7)
+        unchunked = vae.iwae(x, 1000, max_batch=2000)
+    assert chunked.shape == (2,) and torch.isfinite(chunked).all()
+    torch.testing.assert_close(chunked, unchunked)  # float32 defaults: summation order only
     with pytest.raises(ValueError):
         vae.iwae(torch.rand(1, 3, 32, 32), 0)
 
