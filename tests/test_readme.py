@@ -22,11 +22,33 @@ def test_readme_info_table_is_what_resvae_info_prints(capsys):
     assert capsys.readouterr().out == m.group(1)
 
 
+@pytest.mark.parametrize("command", ["resvae info --arch hier", "resvae info --preset cpu"])
+def test_readme_info_figures_are_what_resvae_info_prints(command, capsys):
+    # The block right after the line that names the command, exactly as the command prints it.
+    m = re.search(rf"^`{re.escape(command)}`[^\n]*\n\n```\n(.*?)```", README, re.S | re.M)
+    assert m, f"README lost its `{command}` block"
+    assert main(command.split()[1:]) == 0
+    assert capsys.readouterr().out == m.group(1)
+
+
 def test_readme_starts_with_the_two_commands():
-    head = README.split("## What is in it")[0]
-    assert "resvae train --preset cpu --data-dir ../shared/datasets/cifar10-jpeg" in head
-    assert "python -m pytest -q" in head
-    assert "python -m pytest -q" in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    # The first command block is the two commands after clone: install + the main training
+    # command (which fetches CIFAR-10 on a fresh machine), then the test suite as CI runs it.
+    first = re.search(r"```bash\n(.*?)```", README, re.S).group(1).splitlines()
+    assert len(first) == 2, first
+    assert first[0].startswith("pip install torch==") and " && resvae train --preset cpu --download" in first[0]
+    assert first[1].startswith("python -m pytest -q")
+    assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_commands_before_the_results_use_no_local_paths():
+    # Everything a newcomer copies comes before the results; `../shared` exists only on the
+    # machine the results were measured on, so no command block up to there may use it.
+    head, results = README.split("\n## Results", 1)
+    assert results, "README lost its results section"
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", head, re.S)
+    assert len(blocks) >= 5
+    assert not [b for b in blocks if "../shared" in b]
 
 
 @pytest.mark.usefixtures("small_runs")  # small val/test splits
