@@ -1,3 +1,4 @@
+import importlib
 import os
 import socket
 from pathlib import Path
@@ -9,8 +10,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 import resvae.data as data_module  # noqa: E402
-import resvae.train as T  # noqa: E402
 from resvae.data import ImageSet, load_dataset  # noqa: E402
+
+T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
 
 
 def pytest_addoption(parser):

@@ -9,6 +9,7 @@ One spawn of 2 workers (module fixture) does all in-process work, to pay the sta
 Plus one launch through the real launcher, `python -m torch.distributed.run ... -m resvae train`.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -77,7 +78,7 @@ def _worker(rank, port, out):
 
     import resvae.data as data_module
     import resvae.step as S
-    import resvae.train as T
+    T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
     import resvae.vae as V
     from resvae import distributed as D
 

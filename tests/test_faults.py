@@ -10,6 +10,7 @@ slow ones start `python -m resvae train` (and torchrun) as child processes and s
 SIGKILL them while they train.
 """
 
+import importlib
 import json
 import os
 import shutil
@@ -27,9 +28,10 @@ from PIL import Image
 
 import resvae.checkpoints as CK
 import resvae.runs as R
-import resvae.train as T
 from resvae.cli import main
 from resvae.config import ConfigError, Every, resolve
+
+T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
 
 pytestmark = pytest.mark.usefixtures("small_runs")
 

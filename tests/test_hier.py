@@ -3,6 +3,7 @@ parameter counts, the per-group KL against Monte Carlo, temperature sampling, th
 encode/decode semantics, and training (a few steps, a 100-layer one, `train()` end to end with
 eval / sample / reconstruct / interpolate on the run)."""
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,6 @@ from PIL import Image
 from torch import nn
 
 import resvae.step as S
-import resvae.train as T
 import resvae.vae as V
 from resvae import build_vae, load_run
 from resvae.checkpoints import save_pretrained
@@ -26,6 +26,8 @@ from resvae.hier import HierVAE, LatentGroup, hier_layout, level_sizes
 from resvae.nets import count_layers
 from resvae.sweep import load_sweep_file
 from resvae.vae import model_info
+
+T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
 
 
 def tiny(seed=0, **kw):

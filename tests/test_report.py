@@ -6,6 +6,7 @@ residual), one hand-written eval.json, and one failed run that left no directory
 import base64
 import contextlib
 import csv
+import importlib
 import io
 import json
 import math
@@ -18,9 +19,10 @@ from conftest import clear_resvae_env, small_load
 from PIL import Image
 
 import resvae.data as data_module
-import resvae.train as T
 from resvae import report as R
 from resvae.config import resolve
+
+T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
 
 RUNS = [(20, "none"), (20, "identity"), (24, "none"), (24, "identity")]
 FAILED = {"name": "d24-projection", "depth": 24, "shortcut": "projection", "status": "failed",

@@ -6,6 +6,7 @@ splits to 64 images each).
 
 import copy
 import csv
+import importlib
 import json
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch
 from conftest import N_EVAL, small_data, train_small
 from PIL import Image
 
-import resvae.train as T
 from resvae import load_run
 from resvae.checkpoints import save_pretrained
 from resvae.cli import main
@@ -22,6 +22,8 @@ from resvae.config import resolve
 from resvae.data import to_input
 from resvae.runs import RunDir, read_summary
 from resvae.sweep import SweepSpec, load_sweep_file, sweep
+
+T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
 
 pytestmark = pytest.mark.usefixtures("small_runs")
 

@@ -5,6 +5,7 @@ Runs use the `tiny` preset on a small slice of the shapes data: `load_dataset` i
 val/test splits hold 64 images instead of 2000 (evaluation would otherwise dominate the time).
 """
 
+import importlib
 import io
 import json
 import math
@@ -22,12 +23,13 @@ import resvae.checkpoints as CK
 import resvae.generate as G
 import resvae.state as ST
 import resvae.step as S
-import resvae.train as T
 import resvae.vae as V
 from resvae import distributed as D
 from resvae.cli import main
 from resvae.config import resolve, to_dict
 from resvae.evaluate import evaluate
+
+T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
 
 pytestmark = pytest.mark.usefixtures("small_runs")
 

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import RunConfig, to_dict
 from .data import iterate_batches, load_splits, to_input
 from .distributed import device_name, resolve_device
+from .errors import ConfigError
 from .step import Precision, applied, prepare_model, training_step
 
 MATMUL_SIZE = 2048
@@ -70,7 +71,7 @@ def parse_variant(text: str) -> Variant:
     tokens = [t.strip() for t in text.split("+")]
     bad = [t for t in tokens if t not in TOKENS]
     if bad or ("fp32" in tokens and "bf16" in tokens) or {"nosync", "devguard"} <= set(tokens):
-        raise ValueError(f"--variants: {text!r}: expected tokens joined by '+' from "
+        raise ConfigError(f"--variants: {text!r}: expected tokens joined by '+' from "
                          f"{', '.join(TOKENS)} (fp32 or bf16, not both; nosync or devguard, not "
                          "both), e.g. bf16+cl+compiled")
     devguard = "devguard" in tokens  # decides through fused Adam's found_inf: implies fused
@@ -281,7 +282,7 @@ def bench(cfg: RunConfig, images: np.ndarray, *, seconds: float = 30.0,
     record, the configured variant's numbers at its top level."""
     tc = cfg.train
     if tc.batch_size > len(images):
-        raise ValueError(f"--batch-size {tc.batch_size} is larger than the {len(images)} "
+        raise ConfigError(f"--batch-size {tc.batch_size} is larger than the {len(images)} "
                          "training images")
     device = resolve_device(tc.device)
     main = config_variant(cfg)

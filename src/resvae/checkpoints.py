@@ -26,9 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import RunConfig, from_dict, to_dict
+from .errors import RunError, RunNotFound
 from .files import atomic_write
 from .runs import RunDir, read_json, write_json
-from .vae import VAE, build_from_config
+from .vae import build_from_config
+from .vae_base import BaseVAE
 
 EXPORTED_CONFIG, EXPORTED_WEIGHTS = "config.json", "model.safetensors"
 
@@ -49,9 +51,9 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     a broken last.pt beside a good best.pt, how to resume from that)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise RunNotFound(f"{path}: no such checkpoint")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint: its write was cut off "
+        raise RunError(f"{path}: empty file (0 bytes), not a checkpoint: its write was cut off "
                          f"before it began{_other_checkpoint(path)}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -63,16 +65,16 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         if "Weights only load failed" in text and "global" in reason.lower():
             # a pickle asking for a function or class; torch's advice (weights_only=False) would
             # run it, so it is not passed on
-            raise ValueError(f"{path}: refused: it holds Python objects other than tensors and "
+            raise RunError(f"{path}: refused: it holds Python objects other than tensors and "
                              "plain containers, which could run code when loaded; resvae loads "
                              "checkpoints with weights_only=True and nothing in it was run (a "
                              f"crafted file, or not a resvae checkpoint){_other_checkpoint(path)}"
                              ) from None
         unrun = "; nothing in it was run" if "Weights only load failed" in text else ""
-        raise ValueError(f"{path}: truncated or corrupt, not a loadable checkpoint ({first[:160]})"
+        raise RunError(f"{path}: truncated or corrupt, not a loadable checkpoint ({first[:160]})"
                          f"{unrun}{_other_checkpoint(path)}") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{path}: not a resvae checkpoint (no 'model' state dict in it)"
+        raise RunError(f"{path}: not a resvae checkpoint (no 'model' state dict in it)"
                          f"{_other_checkpoint(path)}")
     state["model"] = {_strip_wrappers(k): v for k, v in state["model"].items()}
     return state
@@ -103,7 +105,7 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def save_weights(vae: VAE, cfg: RunConfig, path: Path) -> None:
+def save_weights(vae: BaseVAE, cfg: RunConfig, path: Path) -> None:
     """Weights alone as safetensors, with the config and image shape in the metadata: safe to
     share, and enough to rebuild the model with no pickle involved."""
     tensors = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
@@ -112,15 +114,15 @@ def save_weights(vae: VAE, cfg: RunConfig, path: Path) -> None:
     atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
 
 
-def _load_safetensors(path: Path, device) -> tuple[VAE, RunConfig]:
+def _load_safetensors(path: Path, device) -> tuple[BaseVAE, RunConfig]:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise RunError(f"{path}: not a readable safetensors file ({e})") from None
     if "config" not in meta or "image_shape" not in meta:
-        raise ValueError(f"{path}: no resvae config/image_shape in its metadata (not written by "
+        raise RunError(f"{path}: no resvae config/image_shape in its metadata (not written by "
                          "resvae)")
     cfg = from_dict(json.loads(meta["config"]), source=f"{path} metadata")
     vae = build_from_config(cfg, tuple(json.loads(meta["image_shape"]))).to(device)
@@ -136,12 +138,12 @@ def is_exported(path: str | os.PathLike) -> bool:
             and not (p / "checkpoints").exists())
 
 
-def save_pretrained(vae: VAE, cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
+def save_pretrained(vae: BaseVAE, cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
     """Write the folder `load_pretrained` reads: config.json (the run's config, the image shape,
     the resvae version) and model.safetensors. JSON and safetensors only: no pickle to trust."""
     out = Path(out_dir)
     if (out / "checkpoints").exists():
-        raise ValueError(f"{out}: holds a run (checkpoints/); export into another folder")
+        raise RunError(f"{out}: holds a run (checkpoints/); export into another folder")
     save_weights(vae, cfg, out / EXPORTED_WEIGHTS)
     write_json(out / EXPORTED_CONFIG, {"format": "resvae", "resvae_version": __version__,
                                        "image_shape": list(vae.image_shape),
@@ -149,34 +151,34 @@ def save_pretrained(vae: VAE, cfg: RunConfig, out_dir: str | os.PathLike) -> Pat
     return out
 
 
-def _load_exported(path: Path, device) -> tuple[VAE, RunConfig]:
+def _load_exported(path: Path, device) -> tuple[BaseVAE, RunConfig]:
     meta = read_json(path / EXPORTED_CONFIG)
     if not isinstance(meta, dict) or meta.get("format") != "resvae" or "config" not in meta:
-        raise ValueError(f"{path / EXPORTED_CONFIG}: not an exported resvae config (no "
+        raise RunError(f"{path / EXPORTED_CONFIG}: not an exported resvae config (no "
                          "\"format\": \"resvae\" and \"config\")")
     cfg = from_dict(meta["config"], source=str(path / EXPORTED_CONFIG))
     try:
         state = load_file(str(path / EXPORTED_WEIGHTS), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / EXPORTED_WEIGHTS}: not a readable safetensors file ({e})") \
+        raise RunError(f"{path / EXPORTED_WEIGHTS}: not a readable safetensors file ({e})") \
             from None
     vae = build_from_config(cfg, tuple(meta["image_shape"])).to(device)
     vae.load_state_dict(state)
     return vae.eval(), cfg
 
 
-def load_pretrained(path: str | os.PathLike, device="cpu") -> VAE:
+def load_pretrained(path: str | os.PathLike, device="cpu") -> BaseVAE:
     """The VAE (eval mode) of a folder written by `resvae export --format hub`
     (`load_run(path)` gives it with its config)."""
     path = Path(path)
     if not is_exported(path):
-        raise FileNotFoundError(f"{path}: not an exported folder (config.json and "
+        raise RunNotFound(f"{path}: not an exported folder (config.json and "
                                 "model.safetensors; `resvae export RUN_DIR -o DIR` writes one; "
                                 "load_run reads run directories)")
     return _load_exported(path, device)[0]
 
 
-def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> tuple[VAE, RunConfig]:
+def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> tuple[BaseVAE, RunConfig]:
     """Rebuild a trained VAE in eval mode: from RUN_DIR/checkpoints/<which>.pt, from a
     `.safetensors` file (RUN_DIR/checkpoints/best.safetensors alone is enough), or from an
     exported folder (`resvae export --format hub`)."""
@@ -184,11 +186,11 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> t
     if path.suffix == ".safetensors":
         return _load_safetensors(path, device)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a run directory, an exported folder or a "
+        raise RunNotFound(f"{path}: not a run directory, an exported folder or a "
                                 ".safetensors file")
     if is_exported(path):
         if which != "best":
-            raise ValueError(f"{path}: an exported folder holds one set of weights (those of "
+            raise RunError(f"{path}: an exported folder holds one set of weights (those of "
                              f"the checkpoint it was exported from), not {which!r}")
         return _load_exported(path, device)
     run = RunDir(path)
@@ -196,7 +198,7 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> t
     if not ckpt.exists() and which == "best" and run.safetensors.exists():
         return _load_safetensors(run.safetensors, device)
     if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint (has {path} finished an epoch?)")
+        raise RunNotFound(f"{ckpt}: no such checkpoint (has {path} finished an epoch?)")
     state = load_checkpoint(ckpt, map_location=device)
     cfg = from_dict(state["config"], source=str(ckpt))
     vae = build_from_config(cfg, tuple(state["image_shape"])).to(device)
@@ -210,7 +212,7 @@ def load_resume_checkpoint(path: Path, image_shape, map_location="cpu") -> dict:
     moved with --data-dir can differ in shape from what the weights were trained on)."""
     ckpt = load_checkpoint(path, map_location=map_location)
     if "image_shape" in ckpt and tuple(ckpt["image_shape"]) != tuple(image_shape):
-        raise ValueError(f"--resume {path}: its checkpoint was trained on images of shape "
+        raise RunError(f"--resume {path}: its checkpoint was trained on images of shape "
                          f"{tuple(ckpt['image_shape'])}, the data found now are "
                          f"{tuple(image_shape)}; point --data-dir at the run's data")
     return ckpt

@@ -24,7 +24,9 @@ from .config import (
     resolve,
     to_toml,
 )
-from .files import EXIT_DISK_FULL, DiskFullError
+from .errors import DiskFullError, ResvaeError
+from .evaluate import EVAL_N
+from .files import EXIT_DISK_FULL
 
 MODEL_KEYS = [k for k, (sec, _, _) in fields_flat().items() if sec == "model"]
 PRECEDENCE = "defaults < --preset < --config FILE < RESVAE_<KEY> environment variables < flags"
@@ -303,7 +305,8 @@ def cmd_eval(args) -> int:
     from .evaluate import eval_run
 
     r = eval_run(args.run_dir, k=args.k, split=args.split, n=args.n, which=args.which,
-                 device=args.device, seed=args.seed, batch_size=args.batch_size)
+                 device=_device(args), seed=args.seed, batch_size=args.batch_size,
+                 data_dir=args.data_dir, progress=None)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -325,14 +328,15 @@ def cmd_sample(args) -> int:
     from .generate import sample_run
 
     print(sample_run(args.run_dir, args.o, n=args.n, temperature=args.temperature,
-                     seed=args.seed, device=args.device))
+                     seed=args.seed, device=_device(args)))
     return 0
 
 
 def cmd_reconstruct(args) -> int:
     from .generate import reconstruct_run
 
-    print(reconstruct_run(args.run_dir, args.o, n=args.n, split=args.split, device=args.device))
+    print(reconstruct_run(args.run_dir, args.o, n=args.n, split=args.split, device=_device(args),
+                          data_dir=args.data_dir))
     return 0
 
 
@@ -340,7 +344,7 @@ def cmd_interpolate(args) -> int:
     from .generate import interpolate_run
 
     print(interpolate_run(args.run_dir, args.o, pairs=args.pairs, steps=args.steps,
-                          split=args.split, device=args.device))
+                          split=args.split, device=_device(args), data_dir=args.data_dir))
     return 0
 
 
@@ -384,11 +388,25 @@ def _variants(text: str) -> list:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--variants: "))
 
 
-def _run_arg(p: argparse.ArgumentParser) -> None:
+def _run_arg(p: argparse.ArgumentParser, data: bool = False) -> None:
+    """RUN_DIR and --device for the commands on a saved run; `data`: the command reads the
+    run's images, and --data-dir says where they are now."""
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="a run directory, a folder written by `resvae export`, or a "
                         ".safetensors file written by resvae")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU if there is one, else cpu), cpu, cuda, cuda:N or mps "
+                        "(default auto)")
+    if data:
+        p.add_argument("--data-dir", dest="data_dir", metavar="PATH",
+                       help="where the run's data set is now (default: $RESVAE_DATA_DIR, else "
+                            "the folder in its config.json); never downloaded")
+
+
+def _device(args):
+    from .distributed import resolve_device
+
+    return resolve_device(args.device)
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -553,11 +571,12 @@ def _add_eval_parser(sub) -> None:
                         description="Negative ELBO and the importance-weighted bound (Burda et "
                         "al. 2016), each with its standard error over images, in nats and "
                         "bits/dim, plus active latent units; written to RUN_DIR/eval.json.")
-    _run_arg(ev)
+    _run_arg(ev, data=True)
     ev.add_argument("--k", type=int, default=1000, help="importance samples (default 1000)")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ev.add_argument("--n", type=_positive, default=0,
-                    help="evenly spaced images of the split (default 0 = all)")
+    ev.add_argument("--n", type=_positive, default=EVAL_N,
+                    help=f"evenly spaced images of the split (default {EVAL_N}; 0 = all of "
+                         "them: with k=1000, hours on a CPU)")
     ev.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=8,
                     help="images per IWAE batch (k samples each, decoded in chunks)")
@@ -580,7 +599,7 @@ def _add_sample_parser(sub) -> None:
 def _add_reconstruct_parser(sub) -> None:
     """`resvae reconstruct RUN_DIR -o PNG`."""
     rc = sub.add_parser("reconstruct", help="test images above their reconstructions")
-    _run_arg(rc)
+    _run_arg(rc, data=True)
     rc.add_argument("-n", type=int, default=50, help="images (default 50)")
     rc.add_argument("-o", required=True, metavar="PNG")
     rc.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -590,7 +609,7 @@ def _add_reconstruct_parser(sub) -> None:
 def _add_interpolate_parser(sub) -> None:
     """`resvae interpolate RUN_DIR -o PNG`."""
     ip = sub.add_parser("interpolate", help="walks in latent space between test images")
-    _run_arg(ip)
+    _run_arg(ip, data=True)
     ip.add_argument("--pairs", type=int, default=8, help="rows (default 8)")
     ip.add_argument("--steps", type=int, default=10, help="images per row (default 10)")
     ip.add_argument("-o", required=True, metavar="PNG")
@@ -669,8 +688,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; free space, then continue with resvae train --resume {run}"
                  if args.command == "train" and run else ""), file=sys.stderr)
         return EXIT_DISK_FULL
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, bad model options
-        # Bad input: one clear line naming the flag/file, not a traceback.
+    except ResvaeError as e:  # bad input (resvae.errors): one line naming the flag or file
+        # Only these: any other exception is a bug, and its traceback is what a report needs.
         print(f"resvae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

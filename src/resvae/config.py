@@ -27,14 +27,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 from .blocks import BLOCKS, SHORTCUTS, UPSAMPLE
 from .data import DATASETS
+from .errors import ConfigError
 from .files import atomic_write
 from .likelihoods import LIKELIHOODS
 from .nets import ARCHS
-
-
-class ConfigError(ValueError):
-    """A bad config value or key; the message names the key, its source and what was expected."""
-
 
 # Allowed values come from the registries that implement them, so a new arch, likelihood,
 # block or data set is a choice the moment it is registered (and never one before).
@@ -629,6 +625,9 @@ def resolve(preset: str | None = None, config_file: str | None = None,
         if isinstance(value, str):
             value = parse_value(_FIELDS[_resolve_key(key, src)][1], value, key, src)
         layer({key: value}, src)
+    if cfg.data.data_dir:  # stored absolute: a saved run finds its data from any folder
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, data_dir=os.path.abspath(os.path.expanduser(cfg.data.data_dir))))
     validate(cfg, origin)
     return cfg
 

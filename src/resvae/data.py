@@ -6,6 +6,7 @@ into them, so there is no per-image PIL work after the first (cached) load.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -31,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import distributed as D
+from .errors import DataError
 from .files import atomic_write
 
 if TYPE_CHECKING:  # config.py imports this module (DATASETS)
@@ -56,10 +58,6 @@ CIFAR10_LAYOUTS = (
     "a directory that is or contains cifar-10-batches-py/ (python pickle batches), "
     "cifar-10-python.tar.gz or a directory containing it, or an image folder with "
     "train/<class>/* and test/<class>/*")
-
-
-class DataError(ValueError):
-    """Raised when a dataset cannot be found, read or validated."""
 
 
 @dataclass
@@ -412,18 +410,21 @@ def _find_cifar(path: Path) -> tuple[str, Path] | None:
 
 
 def _load_cifar10(data_dir: str | None, image_size: int, download: bool, url: str | None,
-                  cache_dir: Path):
+                  cache_dir: Path, offer_download: bool = True):
+    # offer_download: hints name --download only where the command has it (train, sweep)
+    fetch = (" (or pass --download)" if offer_download else
+             "; this command never downloads: point --data-dir PATH or RESVAE_DATA_DIR at a copy")
     found = _find_cifar(Path(data_dir).expanduser()) if data_dir else None
     if found is None and data_dir and not download:
-        raise DataError(f"no CIFAR-10 data found at {data_dir}; expected {CIFAR10_LAYOUTS} "
-                        "(or pass --download)")
+        raise DataError(f"no CIFAR-10 data found at {data_dir}; expected {CIFAR10_LAYOUTS}"
+                        f"{fetch}")
     if found is None and not download:
         found = _find_cifar(cache_dir)  # a previous download lives in the cache dir
     if found is None and not download:  # only --download may touch the network
         raise DataError(f"no local CIFAR-10 copy: --data-dir (or RESVAE_DATA_DIR) is not set "
                         f"and the cache {cache_dir} holds none; point --data-dir PATH at one "
-                        f"({CIFAR10_LAYOUTS}) or pass --download to fetch it (163 MB) into the "
-                        "cache")
+                        f"({CIFAR10_LAYOUTS})" + (" or pass --download to fetch it (163 MB) into "
+                                                  "the cache" if offer_download else ""))
     if found is None:
         archive = cache_dir / CIFAR10_ARCHIVE
         if not (archive.is_file() and _md5(archive) == CIFAR10_MD5):
@@ -580,7 +581,8 @@ def _subset_indices(labels: np.ndarray | None, n_total: int, n: int) -> np.ndarr
 
 def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 0, subset: int = 0,
                  val_fraction: float = 0.0, download: bool = False, cache_dir: str | None = None,
-                 pad_to_32: bool = True, seed: int = 0, url: str | None = None) -> Splits:
+                 pad_to_32: bool = True, seed: int = 0, url: str | None = None,
+                 offer_download: bool = True) -> Splits:
     """Load dataset `name` (one of DATASETS) as uint8 train/val/test splits.
 
     data_dir defaults to $RESVAE_DATA_DIR. val is the test split unless 0 < val_fraction < 1,
@@ -609,7 +611,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 0,
                             "PATH/train/<class>/* and PATH/test/<class>/*")
         train, test, source = _load_folder(Path(data_dir), image_size, cache)
     elif name == "cifar10":
-        train, test, source = _load_cifar10(data_dir, image_size, download, url, cache)
+        train, test, source = _load_cifar10(data_dir, image_size, download, url, cache,
+                                            offer_download)
     else:
         train, test, source = _load_mnist(name, data_dir, image_size, pad_to_32, cache)
     if subset > len(train.images):  # not "all of them": a run of N images was asked for
@@ -628,10 +631,11 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 0,
     return Splits(train=train, val=val, test=test, name=name, source=source)
 
 
-def load_splits(cfg: RunConfig, *, download: bool = False, rt: D.Runtime | None = None) -> Splits:
-    """The train/val/test splits `cfg.data` describes: what a run trains, validates and tests on
-    (also for evaluating and sampling a saved run, which never download). With `rt` (a run's
-    processes), rank 0 decodes and fills the cache first, the others then read it."""
+def load_splits(cfg: RunConfig, *, download: bool = False, rt: D.Runtime | None = None,
+                offer_download: bool = True) -> Splits:
+    """The train/val/test splits `cfg.data` describes: what a run trains, validates and tests on.
+    With `rt` (a run's processes), rank 0 decodes and fills the cache first, the others then read
+    it. `offer_download=False`: error hints do not name --download (commands without it)."""
     if rt is not None:
         data = load_splits(cfg, download=download) if rt.is_main else None
         D.barrier(rt)
@@ -639,7 +643,92 @@ def load_splits(cfg: RunConfig, *, download: bool = False, rt: D.Runtime | None 
     dc = cfg.data
     return load_dataset(dc.dataset, dc.data_dir or None, image_size=dc.image_size,
                         subset=dc.subset, val_fraction=dc.val_fraction, download=download,
-                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed)
+                        pad_to_32=dc.pad_to_32, seed=cfg.train.seed,
+                        offer_download=offer_download)
+
+
+def run_splits(cfg: RunConfig, data_dir: str | None = None) -> Splits:
+    """A saved run's splits (eval, reconstruct, interpolate): from `data_dir` (--data-dir), else
+    $RESVAE_DATA_DIR, else the folder stored in its config.json; never downloaded."""
+    where = data_dir or os.environ.get("RESVAE_DATA_DIR")
+    if where:
+        where = os.path.abspath(os.path.expanduser(where))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=where))
+    return load_splits(cfg, offer_download=False)
+
+
+# ----------------------------------------------------------------------------- your own data
+
+def _as_uint8_images(a, what: str) -> np.ndarray:
+    """uint8 (N, C, H, W) from an array or tensor of images: uint8 (or integers) in 0..255, or
+    floats in [0, 1]; laid out (N, C, H, W), (N, H, W, C) or (N, H, W), C in {1, 3}."""
+    x = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or len(x) == 0:
+        raise DataError(f"{what}: expected a non-empty batch of images (N, C, H, W), (N, H, W, C) "
+                        f"or (N, H, W), got shape {x.shape}")
+    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)  # channels last -> first
+    if x.shape[1] not in (1, 3):
+        raise DataError(f"{what}: images need 1 or 3 channels (first or last), got shape "
+                        f"{x.shape}")
+    if np.issubdtype(x.dtype, np.floating):
+        lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+            raise DataError(f"{what}: float images must lie in [0, 1], got values in "
+                            f"[{lo:g}, {hi:g}] (pass uint8 for 0..255)")
+        x = np.rint(x * 255.0)
+    elif x.dtype != np.uint8 and (x.min() < 0 or x.max() > 255):
+        raise DataError(f"{what}: integer images must lie in 0..255, got {x.min()}..{x.max()}")
+    return np.ascontiguousarray(x.astype(np.uint8))
+
+
+def from_arrays(train, test, *, val=None, name: str = "arrays") -> Splits:
+    """Splits for `train(cfg, out, data=...)` from images you hold in memory: numpy arrays or
+    torch tensors, uint8 in 0..255 or floats in [0, 1], shaped (N, C, H, W), (N, H, W, C) or
+    (N, H, W). They are converted once to uint8 (N, C, H, W), the form every resvae loader gives.
+    `test` also validates (early stopping, best weights) unless `val` is given, as in the study.
+    """
+    sets = {k: ImageSet(_as_uint8_images(v, f"from_arrays: {k}"), None, [])
+            for k, v in (("train", train), ("test", test), ("val", val)) if v is not None}
+    shapes = {k: s.images.shape[1:] for k, s in sets.items()}
+    if len(set(shapes.values())) != 1:
+        raise DataError(f"from_arrays: the splits' images differ in shape: {shapes}")
+    return Splits(train=sets["train"], val=sets.get("val", sets["test"]), test=sets["test"],
+                  name=name, source=f"{name} in memory: " + ", ".join(
+                      f"{k} {len(s)}" for k, s in sets.items()))
+
+
+def _dataset_images(ds, what: str):
+    """Every item of a map-style torch Dataset (or any sequence): an image, or a tuple whose first
+    element is the image (the label is not used). An image is a tensor, an array or a PIL image."""
+    images = []
+    for i in range(len(ds)):
+        item = ds[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else
+                                             image.mode))
+        images.append(image.detach().cpu().numpy() if isinstance(image, torch.Tensor)
+                      else np.asarray(image))
+    if not images:
+        raise DataError(f"{what}: the data set is empty")
+    shapes = {x.shape for x in images}
+    if len(shapes) != 1:
+        raise DataError(f"{what}: images of different shapes {sorted(shapes)[:3]}; resize them "
+                        "to one size first")
+    return np.stack(images)
+
+
+def from_dataset(train, test, *, val=None, name: str = "dataset") -> Splits:
+    """`from_arrays` for torch Datasets (map-style: `len` and indexing): each item an image
+    tensor (C, H, W) in [0, 1] or uint8, a (H, W, C) array, a PIL image, or an (image, label)
+    pair. Read once, here, into uint8 arrays; training then never calls the Dataset again."""
+    return from_arrays(*(None if ds is None else _dataset_images(ds, f"from_dataset: {k}")
+                         for k, ds in (("train", train), ("test", test))),
+                       val=None if val is None else _dataset_images(val, "from_dataset: val"),
+                       name=name)
 
 
 # ----------------------------------------------------------------------------- batching

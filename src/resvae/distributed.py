@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 
 @dataclass
 class Runtime:
@@ -44,7 +46,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine "
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine "
                            "(use --device cpu or auto)")
     if name == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())

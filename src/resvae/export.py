@@ -11,8 +11,10 @@ import torch
 from . import __version__
 from .checkpoints import load_run, save_pretrained
 from .config import RunConfig, to_dict
+from .errors import ConfigError, MissingDependency
 from .files import atomic_write
-from .vae import VAE, eval_mode
+from .vae import eval_mode
+from .vae_base import BaseVAE
 
 FORMATS = ("hub", "onnx")
 
@@ -21,12 +23,12 @@ def export_run(run_dir, out, fmt: str = "hub", which: str = "best") -> Path:
     """`resvae export`: the weights of a run (`which` checkpoint; anything `load_run` reads) as
     an exported folder (`hub`) or the decoder as an ONNX file (`onnx`)."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     vae, cfg = load_run(run_dir, which=which)
     return save_pretrained(vae, cfg, out) if fmt == "hub" else export_onnx(vae, cfg, out)
 
 
-def export_onnx(vae: VAE, cfg: RunConfig, path) -> Path:
+def export_onnx(vae: BaseVAE, cfg: RunConfig, path) -> Path:
     """The decoder, z (B, latent_dim) -> likelihood parameters (B, P, H, W) as `vae.decode`
     gives them, as one ONNX file with a dynamic batch dimension. The metadata names the
     likelihood and holds the config, so a consumer knows how to read the parameters."""
@@ -34,9 +36,9 @@ def export_onnx(vae: VAE, cfg: RunConfig, path) -> Path:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
-        raise ValueError("--format onnx needs the onnx and onnxscript packages: "
+        raise MissingDependency("--format onnx needs the onnx and onnxscript packages: "
                          "pip install 'resvae[onnx]'") from None
-    z = torch.zeros(2, vae.latent_dim, device=next(vae.parameters()).device)
+    z = torch.zeros(2, vae.latent_dim, device=vae.device)
     with eval_mode(vae.decoder):  # BatchNorm with its running statistics
         program = torch.onnx.export(
             vae.decoder, (z,), dynamo=True, input_names=["z"], output_names=["params"],

@@ -10,14 +10,11 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .errors import DiskFullError
+
 # sysexits.h's EX_IOERR: the exit status of a command stopped by a full disk (2 is bad input,
 # 3 a run stopped by non-finite losses)
 EXIT_DISK_FULL = 74
-
-
-class DiskFullError(OSError):
-    """A write failed because its file system is full (ENOSPC) or the user's quota is spent
-    (EDQUOT); the message names the file and what was kept."""
 
 
 def _free(path: Path) -> str:

@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from .checkpoints import load_run
-from .data import load_splits, to_input
+from .data import run_splits, to_input
+from .errors import ConfigError
 from .files import atomic_write
 from .runs import RunDir
-from .vae import VAE, eval_mode
+from .vae import eval_mode
+from .vae_base import BaseVAE
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
@@ -37,19 +39,19 @@ def spread(images: np.ndarray, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def samples(vae: VAE, n: int, *, temperature: float = 1.0, seed: int = 1234,
+def samples(vae: BaseVAE, n: int, *, temperature: float = 1.0, seed: int = 1234,
             mean: bool = True) -> torch.Tensor:
     """n images from the prior, z ~ N(0, temperature^2 I), decoded by the decoder alone."""
-    device = next(vae.parameters()).device
+    device = vae.device
     gen = torch.Generator(device=device).manual_seed(seed)
     with eval_mode(vae):
         return vae.sample(n, temperature=temperature, generator=gen, mean=mean)
 
 
 @torch.no_grad()
-def reconstructions(vae: VAE, images: np.ndarray, nrow: int = 10) -> torch.Tensor:
+def reconstructions(vae: BaseVAE, images: np.ndarray, nrow: int = 10) -> torch.Tensor:
     """Inputs above their reconstructions, row pair by row pair: (2N, C, H, W)."""
-    device = next(vae.parameters()).device
+    device = vae.device
     x = to_input(torch.from_numpy(images), device)
     with eval_mode(vae):
         rec = vae.reconstruct(x)
@@ -58,10 +60,10 @@ def reconstructions(vae: VAE, images: np.ndarray, nrow: int = 10) -> torch.Tenso
 
 
 @torch.no_grad()
-def interpolations(vae: VAE, images: np.ndarray, steps: int = 10) -> torch.Tensor:
+def interpolations(vae: BaseVAE, images: np.ndarray, steps: int = 10) -> torch.Tensor:
     """Rows walking in latent space between consecutive pairs of images (posterior means),
     the two end images decoded as well: (pairs * steps, C, H, W)."""
-    device = next(vae.parameters()).device
+    device = vae.device
     x = to_input(torch.from_numpy(images), device)
     with eval_mode(vae):
         z = vae.encode(x)[0]
@@ -71,7 +73,7 @@ def interpolations(vae: VAE, images: np.ndarray, steps: int = 10) -> torch.Tenso
         return vae.likelihood.mean(vae.decode(path))
 
 
-def save_epoch_grids(vae: VAE, val_images: np.ndarray, run: RunDir, epoch: int) -> None:
+def save_epoch_grids(vae: BaseVAE, val_images: np.ndarray, run: RunDir, epoch: int) -> None:
     """What training writes each `sample_every` epochs: a 10x10 grid from the prior (fixed seed,
     so grids are comparable across epochs) and 5 rows of inputs above reconstructions."""
     n = min(50, len(val_images) // 10 * 10) or len(val_images)  # whole rows of 10 when possible
@@ -81,13 +83,13 @@ def save_epoch_grids(vae: VAE, val_images: np.ndarray, run: RunDir, epoch: int) 
               nrow=nrow)
 
 
-def _run_images(cfg, split: str) -> np.ndarray:
-    return getattr(load_splits(cfg), split).images
+def _run_images(cfg, split: str, data_dir: str | None) -> np.ndarray:
+    return getattr(run_splits(cfg, data_dir), split).images
 
 
 def _checked(n: int, what: str) -> int:
     if n < 1:
-        raise ValueError(f"{what} must be >= 1, got {n}")
+        raise ConfigError(f"{what} must be >= 1, got {n}")
     return n
 
 
@@ -100,10 +102,11 @@ def sample_run(run_dir, out: Path, *, n: int = 100, nrow: int = 10, temperature:
     return Path(out)
 
 
-def reconstruct_run(run_dir, out: Path, *, n: int = 50, split: str = "test", device="cpu") -> Path:
+def reconstruct_run(run_dir, out: Path, *, n: int = 50, split: str = "test", device="cpu",
+                    data_dir: str | None = None) -> Path:
     """`resvae reconstruct`: n test images (whole rows of 10) above their reconstructions."""
     vae, cfg = load_run(run_dir, device=device)
-    images = spread(_run_images(cfg, split), _checked(n, "-n"))
+    images = spread(_run_images(cfg, split, data_dir), _checked(n, "-n"))
     nrow = min(10, len(images))
     images = images[:len(images) // nrow * nrow]
     save_grid(reconstructions(vae, images, nrow), out, nrow=nrow)
@@ -111,10 +114,10 @@ def reconstruct_run(run_dir, out: Path, *, n: int = 50, split: str = "test", dev
 
 
 def interpolate_run(run_dir, out: Path, *, pairs: int = 8, steps: int = 10, split: str = "test",
-                    device="cpu") -> Path:
+                    device="cpu", data_dir: str | None = None) -> Path:
     """`resvae interpolate`: `pairs` rows of `steps` images between pairs of test images."""
     vae, cfg = load_run(run_dir, device=device)
-    images = spread(_run_images(cfg, split), 2 * _checked(pairs, "--pairs"))
+    images = spread(_run_images(cfg, split, data_dir), 2 * _checked(pairs, "--pairs"))
     save_grid(interpolations(vae, images, _checked(steps, "--steps")), out, nrow=steps)
     return Path(out)
 

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import BLOCKS, init_weights, make_stage, residual_scale_
+from .errors import ConfigError
 from .likelihoods import Likelihood
 from .vae_base import BaseVAE
 
@@ -76,14 +77,14 @@ def hier_layout(depth: int, stochastic_layers: int, block: str = "bottleneck") -
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
     if stochastic_layers < 1:
-        raise ValueError(f"stochastic_layers must be >= 1, got {stochastic_layers}")
+        raise ConfigError(f"stochastic_layers must be >= 1, got {stochastic_layers}")
     per = BLOCKS[block].n_layers
     fixed = 2 + 2 * stochastic_layers  # stem + output conv + 2 per group
     smallest = fixed + MIN_BLOCKS * per
     if depth < smallest or (depth - fixed) % per:
         below = max(smallest, fixed + (depth - fixed) // per * per)
         above = max(smallest, below + per if depth > below else below)
-        raise ValueError(
+        raise ConfigError(
             f"depth {depth} is not reachable with arch 'hier', {block} blocks and "
             f"stochastic_layers {stochastic_layers}: depths are 2 + 2*{stochastic_layers} + "
             f"{per}*T (T >= {MIN_BLOCKS} residual blocks); nearest valid: "
@@ -226,7 +227,7 @@ class TopDown(nn.Module):
         temps = ([float(temperature)] * n_groups if isinstance(temperature, (int, float))
                  else [float(t) for t in temperature])
         if len(temps) != n_groups:
-            raise ValueError(f"temperature: expected a number or {n_groups} numbers (one per "
+            raise ConfigError(f"temperature: expected a number or {n_groups} numbers (one per "
                              f"group), got {len(temps)}")
         if z is not None and len(z) != n_groups:
             raise ValueError(f"z: expected {n_groups} groups, got {len(z)}")
@@ -345,7 +346,7 @@ def hier_nets(depth: int, *, stochastic_layers: int, width: float, latent_dim: i
     """The bottom-up encoder and top-down decoder of arch 'hier' (see the module docstring)."""
     del preact, upsample  # always pre-activation; the state is upsampled by nearest neighbour
     if any(latent_l2):
-        raise ValueError("latent_l2 is the study's penalty on its one latent layer; arch 'hier' "
+        raise ConfigError("latent_l2 is the study's penalty on its one latent layer; arch 'hier' "
                          f"has none (got {list(latent_l2)})")
     layout = hier_layout(depth, stochastic_layers, block)
     cls = BLOCKS[block]

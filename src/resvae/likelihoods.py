@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 __all__ = [
     "Likelihood", "Bernoulli", "Gaussian", "DiscretizedLogistic", "DiscretizedMixLogistic",
     "LIKELIHOODS", "make_likelihood", "bits_per_dim",
@@ -102,7 +104,7 @@ class Gaussian(Likelihood):
         super().__init__()
         std = float(std)
         if not math.isfinite(std) or std < 0:
-            raise ValueError(f"gaussian: std must be >= 0 (0 = learned), got {std}")
+            raise ConfigError(f"gaussian: std must be >= 0 (0 = learned), got {std}")
         self.std = std
 
     def extra_repr(self) -> str:
@@ -198,7 +200,7 @@ def _gumbel_pick(logits: Tensor, generator) -> Tensor:
 
 def _check_n_mix(name: str, n_mix) -> int:
     if isinstance(n_mix, bool) or int(n_mix) != n_mix or n_mix < 1:
-        raise ValueError(f"{name}: n_mix must be a positive integer, got {n_mix!r}")
+        raise ConfigError(f"{name}: n_mix must be a positive integer, got {n_mix!r}")
     return int(n_mix)
 
 

@@ -14,6 +14,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from .blocks import BLOCKS, Bottleneck, init_weights, make_stage, residual_scale_
+from .errors import ConfigError
 from .hier import hier_nets
 
 # The study (Keras ResNet50 conv_block/identity_block filters) and its identity blocks per stage.
@@ -101,7 +102,7 @@ def study_nets(depth: int, *, width: float, latent_dim: int, channels: int, imag
     """The study's layout: Keras ResNet50 bottleneck stages in the encoder and, with transposed
     convs, in the decoder (whose widest stage runs at full resolution, as the study's did)."""
     if depth not in STUDY_IDENTITY_BLOCKS:
-        raise ValueError(f"arch 'study' has depths {sorted(STUDY_IDENTITY_BLOCKS)} only "
+        raise ConfigError(f"arch 'study' has depths {sorted(STUDY_IDENTITY_BLOCKS)} only "
                          f"(the study's four nets), got depth={depth}; use arch 'resnet' for others")
     # Keras defaults: BatchNormalization(momentum=0.99, epsilon=1e-3) = PyTorch momentum 0.01;
     # convs and dense layers carry biases.
@@ -154,7 +155,7 @@ def resnet_blocks(depth: int, block: str = "basic") -> list[int]:
         below = max(smallest, N_FIXED + (depth - N_FIXED) // per * per)
         above = max(smallest, below + per if depth > below else below)
         near = sorted({below, above})
-        raise ValueError(f"depth {depth} is not reachable with arch 'resnet' and {block} blocks: "
+        raise ConfigError(f"depth {depth} is not reachable with arch 'resnet' and {block} blocks: "
                          f"depths are {N_FIXED} + {per}*B (B >= 4 blocks per side); nearest valid: "
                          + " or ".join(map(str, near)))
     b = (depth - N_FIXED) // per

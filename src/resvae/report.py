@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from . import runs
+from .errors import ConfigError, MissingDependency, RunError, RunNotFound
 from .files import atomic_write
 
 # The 2018 study's Table 1: its four nets on one GTX 1070, loss = 3072 x BCE + KL in nats on the
@@ -65,7 +66,7 @@ def find_runs(sweep_dir: str | Path) -> tuple[list[Path], list[dict | None]]:
     config.json. Returns run directories and their sweep.json entries (None without one)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise ValueError(f"sweep directory {sweep_dir} does not exist")
+        raise RunNotFound(f"sweep directory {sweep_dir} does not exist")
     layout = runs.SweepDir(sweep_dir)
     sweep = _read_optional(layout.status)
     if sweep:
@@ -75,7 +76,7 @@ def find_runs(sweep_dir: str | Path) -> tuple[list[Path], list[dict | None]]:
         dirs = sorted(p for p in sweep_dir.iterdir() if runs.RunDir(p).config.is_file())
         entries = [None] * len(dirs)
     if not dirs:
-        raise ValueError(f"{sweep_dir} holds no runs (no runs in sweep.json, or no sweep.json and "
+        raise RunError(f"{sweep_dir} holds no runs (no runs in sweep.json, or no sweep.json and "
                          "no subdirectory with a config.json)")
     return dirs, entries
 
@@ -116,7 +117,7 @@ def collect(run_dirs, sweep_entries=None) -> list[dict]:
         raise ValueError(f"{len(sweep_entries)} sweep entries for {len(run_dirs)} run dirs")
     for d, e in zip(run_dirs, sweep_entries):
         if e is None and not runs.RunDir(d).config.is_file():
-            raise ValueError(f"{d} is not a run directory (no config.json there)")
+            raise RunError(f"{d} is not a run directory (no config.json there)")
     return [_run_row(d, e) for d, e in zip(run_dirs, sweep_entries)]
 
 
@@ -533,16 +534,16 @@ def screenshot(html_path: str | Path, png_path: str | Path, chromium: str | None
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        raise ValueError("--screenshot needs the playwright package: pip install "
+        raise MissingDependency("--screenshot needs the playwright package: pip install "
                          "'resvae[report]'") from None
     exe = chromium or os.environ.get("RESVAE_CHROMIUM") or shutil.which("chromium") \
         or shutil.which("chromium-browser")
     if not exe or not Path(exe).exists():
-        raise ValueError(f"--screenshot: no Chromium executable found ({exe or 'none on PATH'}); "
+        raise MissingDependency(f"--screenshot: no Chromium executable found ({exe or 'none on PATH'}); "
                          "install one (apt-get install chromium) or set RESVAE_CHROMIUM")
     html_path, png_path = Path(html_path).resolve(), Path(png_path)
     if not html_path.is_file():
-        raise ValueError(f"{html_path}: no such HTML file")
+        raise RunNotFound(f"{html_path}: no such HTML file")
     with sync_playwright() as p:
         # --no-sandbox: Chromium's sandbox refuses to start as root (containers, CI)
         browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
@@ -559,7 +560,7 @@ def screenshot(html_path: str | Path, png_path: str | Path, chromium: str | None
 def compare(run_dirs) -> str:
     """The results table (Markdown) for any run directories, e.g. runs from different sweeps."""
     if not run_dirs:
-        raise ValueError("compare needs at least one run directory")
+        raise ConfigError("compare needs at least one run directory")
     return format_table(collect(run_dirs))
 
 

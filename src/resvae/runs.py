@@ -41,9 +41,11 @@ import torch
 
 from . import __version__
 from . import distributed as D
-from .config import ConfigError, RunConfig, from_dict, resolve, to_dict
+from .config import RunConfig, from_dict, resolve, to_dict
+from .errors import ConfigError, RunError, RunLocked, RunNotFound
 from .files import DiskFullError, atomic_write, disk_full_is_named
-from .vae import VAE, model_info
+from .vae import model_info
+from .vae_base import BaseVAE
 
 try:
     import fcntl
@@ -73,7 +75,7 @@ class RunDir:
 
     def checkpoint(self, which: str = "last") -> Path:
         if which not in CHECKPOINTS:
-            raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+            raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
         return self.root / "checkpoints" / f"{which}.pt"
 
     def grid(self, kind: str, epoch: int) -> Path:
@@ -126,9 +128,9 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
+        raise RunNotFound(f"{path}: not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise RunError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_summary(run_dir) -> dict:
@@ -158,7 +160,7 @@ def _read_jsonl(path: Path, torn_ok: bool = False) -> tuple[list[dict], str | No
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+                raise RunError(f"{path}:{i}: not a JSON record ({e})") from None
     return out, torn
 
 
@@ -357,10 +359,6 @@ def clear_run(run_dir) -> None:
             entry.unlink()
 
 
-class RunLocked(ConfigError):
-    """Another live process holds the run directory's lock."""
-
-
 class RunLock:
     """RUN_DIR/.lock, held with fcntl.flock by the one process writing into a run directory, from
     before its first write until it exits. The kernel releases a flock when its process dies,
@@ -446,7 +444,7 @@ __all__ = ["RunDir", "SweepDir", "read_metrics", "read_summary", "read_config", 
 
 # ----------------------------------------------------------------------------- provenance
 
-def what_ran(vae: VAE, rt: D.Runtime, argv) -> dict:
+def what_ran(vae: BaseVAE, rt: D.Runtime, argv) -> dict:
     """The model's size and cost, and the software and machine that trained it (summary.json)."""
     info = model_info(vae)
     return {"layers": info["layers"], "params": info["params"],

@@ -17,7 +17,7 @@ from . import distributed as D
 from .config import ConfigError, RunConfig, to_dict
 from .runs import config_differences
 from .step import EMA
-from .vae import VAE
+from .vae_base import BaseVAE
 
 
 @dataclass
@@ -88,7 +88,7 @@ class TrainState:
     where an epoch stood when the checkpoint was taken inside it (None at an epoch's end):
     `train_epoch` continues that epoch from there."""
 
-    vae: VAE
+    vae: BaseVAE
     opt: torch.optim.Optimizer
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau
     early: EarlyStopping
@@ -105,7 +105,7 @@ class TrainState:
                 "consecutive_skips")
 
     @property
-    def eval_vae(self) -> VAE:
+    def eval_vae(self) -> BaseVAE:
         """The module validation, test, samples and saved weights use."""
         return self.ema.module if self.ema is not None else self.vae
 

@@ -13,7 +13,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from . import distributed as D
-from .vae import VAE, build_from_config
+from .vae import build_from_config
+from .vae_base import BaseVAE
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -122,7 +123,7 @@ class Prepared:
     """A model made ready to train by `prepare_model`."""
 
     model: torch.nn.Module  # what the step calls: DDP-wrapped under torchrun, else `vae`
-    vae: VAE  # the module itself (inside DDP), compiled in place with --compile
+    vae: BaseVAE  # the module itself (inside DDP), compiled in place with --compile
     ema: EMA | None
     opt: torch.optim.Adam
     precision: Precision
@@ -179,7 +180,7 @@ def applied(skipped: bool | torch.Tensor) -> bool | torch.Tensor:
     return not skipped if isinstance(skipped, bool) else ~skipped
 
 
-def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
+def training_step(model: torch.nn.Module, vae: BaseVAE, x: torch.Tensor,
                   opt: torch.optim.Optimizer, cfg, *, beta: float = 1.0,
                   precision: Precision = FP32, rt: D.Runtime | None = None,
                   guard: str | None = None) -> dict:
@@ -213,7 +214,7 @@ def training_step(model: torch.nn.Module, vae: VAE, x: torch.Tensor,
     return {**stats, "grad_norm": norm.detach(), "skipped": skipped}
 
 
-def _backward(model, vae: VAE, x: torch.Tensor, cfg, beta: float, precision: Precision):
+def _backward(model, vae: BaseVAE, x: torch.Tensor, cfg, beta: float, precision: Precision):
     """Forward, the objective's gradients, clipping: (the forward's output, the gradient norm,
     whether the update may be applied as a 0-d bool tensor on the device)."""
     with precision.autocast():

@@ -29,8 +29,9 @@ from .checkpoints import (
     save_checkpoint,
     save_weights,
 )
-from .config import ConfigError, RunConfig, save_json
+from .config import RunConfig, save_json
 from .data import Splits, iterate_batches, load_splits, num_batches, to_input
+from .errors import ConfigError
 from .evaluate import evaluate, recalibrate_batchnorm
 from .generate import save_epoch_grids
 from .runs import (
@@ -145,6 +146,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
     write: a run that fails before then leaves the old one whole.
     """
     t_start = time.monotonic()
+    if data is not None and not isinstance(data, Splits):
+        raise TypeError(f"train(data=...) takes resvae.data.Splits, got {type(data).__name__}: "
+                        "build them with resvae.data.from_arrays(train, test) (arrays or "
+                        "tensors) or resvae.data.from_dataset(train, test) (torch Datasets)")
     rt = D.setup(cfg.train.device, timeout=cfg.train.ddp_timeout.seconds)
     s = None
     try:
@@ -265,12 +270,12 @@ def _open_run(s: Session, state: TrainState, resumed: dict | None, callbacks,
 def _check_batches(s: Session) -> None:
     tc, rt, n = s.cfg.train, s.rt, len(s.data.train)
     if _batches_per_epoch(s) == 0:
-        raise ValueError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
+        raise ConfigError(f"--batch-size {tc.batch_size} x {rt.world_size} process(es) is larger "
                          f"than the {n} training image(s) (see --subset)")
     if tc.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                  for m in s.model.modules()):
         # training-mode BatchNorm needs two values per channel, and the latent layer is 1x1
-        raise ValueError(f"--batch-size {tc.batch_size}: BatchNorm needs at least 2 images per "
+        raise ConfigError(f"--batch-size {tc.batch_size}: BatchNorm needs at least 2 images per "
                          f"batch (per process); use --batch-size 2 or more ({n} training "
                          "image(s) here)")
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ModelConfig, RunConfig, validate
+from .errors import ConfigError
 from .hier import HierVAE
 from .likelihoods import Likelihood, make_likelihood
 from .nets import ARCHS, count_layers
@@ -112,7 +113,7 @@ def build_vae(config: ModelConfig | None = None, *, channels: int = 3, image_siz
     cfg = dataclasses.replace(cfg, **overrides)
     validate(RunConfig(model=cfg))  # the same checks (and rename messages) as the command line
     if cfg.arch == "study" and cfg.block != "bottleneck":
-        raise ValueError("arch 'study' uses bottleneck blocks only (as the study did); "
+        raise ConfigError("arch 'study' uses bottleneck blocks only (as the study did); "
                          f"got block={cfg.block!r}; use arch 'resnet' for basic blocks")
     options = {"dlogistic": {"n_mix": cfg.n_mix}, "dmol": {"n_mix": cfg.n_mix},
                "gaussian": {"std": cfg.gaussian_std}}.get(cfg.likelihood, {})
@@ -135,7 +136,7 @@ def build_from_config(cfg: RunConfig, image_shape: tuple[int, int, int]) -> Base
     """The VAE a run config describes, for images of `image_shape` (C, H, W)."""
     c, h, w = image_shape
     if h != w:
-        raise ValueError(f"images must be square, got {h}x{w} (use --image-size)")
+        raise ConfigError(f"images must be square, got {h}x{w} (use --image-size)")
     return build_vae(cfg.model, channels=c, image_size=h)
 
 

@@ -1,0 +1,63 @@
+"""`resvae eval` / `reconstruct` / `interpolate` on a saved run whose data moved: --data-dir,
+RESVAE_DATA_DIR, the absolute path in config.json, and hints that name only the command's flags."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resvae.cli import main
+
+
+def _folder(root, n_train=20, n_test=8):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            d = root / split / ("a" if i % 2 else "b")
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def moved_run(tmp_path, monkeypatch, clean_env):
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path / "data")
+    assert main(["train", "--preset", "tiny", "--dataset", "folder", "--data-dir", "data",
+                 "--subset", "0", "--batch-size", "8", "--max-epochs", "1", "--sample-every",
+                 "0", "--device", "cpu", "--out", "run"]) == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["data"]["data_dir"] == str(tmp_path / "data")  # stored absolute, not "data"
+    shutil.move(tmp_path / "data", tmp_path / "elsewhere")
+    return tmp_path / "run", tmp_path / "elsewhere"
+
+
+def test_eval_finds_moved_data_through_data_dir_or_the_environment(moved_run, monkeypatch,
+                                                                   capsys):
+    run, elsewhere = moved_run
+    ev = ["eval", str(run), "--n", "4", "--k", "2", "--json"]
+    assert main(ev) == 2
+    err = capsys.readouterr().err
+    assert str(run.parent / "data") in err and "--download" not in err  # eval has no --download
+    assert main([*ev, "--data-dir", str(elsewhere)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_images"] == 4
+    monkeypatch.setenv("RESVAE_DATA_DIR", str(elsewhere))
+    assert main(ev) == 0
+    monkeypatch.delenv("RESVAE_DATA_DIR")
+    for cmd in (["reconstruct", "-n", "4"], ["interpolate", "--pairs", "2", "--steps", "3"]):
+        assert main([cmd[0], str(run), *cmd[1:], "-o", str(run / f"{cmd[0]}.png"),
+                     "--data-dir", str(elsewhere)]) == 0
+        assert Image.open(run / f"{cmd[0]}.png").size[0] > 0
+
+
+def test_eval_defaults(moved_run, capsys):
+    run, elsewhere = moved_run
+    assert main(["eval", str(run), "--k", "2", "--json", "--data-dir", str(elsewhere)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n_images"] == 8  # the default --n (100) takes what the 8-image split has
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "(default auto)" in out and "default 100" in out
