@@ -214,7 +214,7 @@ def test_folder_layout_errors(tmp_path):
     for d in sorted((tmp_path / "test").rglob("*"), reverse=True):
         d.rmdir()
     (tmp_path / "test").rmdir()
-    with pytest.raises(DataError, match="test not found.*train/<class>"):
+    with pytest.raises(DataError, match="no test/ split: pass --val-fraction.*test/<class>"):
         load_dataset("folder", str(tmp_path))
 
 

@@ -61,3 +61,26 @@ def test_eval_defaults(moved_run, capsys):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert "(default auto)" in out and "default 100" in out
+
+
+@pytest.mark.parametrize("layout", ["flat", "classes-at-root", "train-only"])
+def test_folder_without_test_split_trains_with_val_fraction(tmp_path, monkeypatch, clean_env,
+                                                             capsys, layout):
+    from resvae.data import load_dataset
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "imgs"
+    for i in range(12):
+        d = {"flat": root, "classes-at-root": root / ("a" if i % 2 else "b"),
+             "train-only": root / "train" / ("a" if i % 2 else "b")}[layout]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    with pytest.raises(Exception, match="no test/ split: pass --val-fraction"):
+        load_dataset("folder", str(root))
+    s = load_dataset("folder", str(root), val_fraction=0.25)
+    assert (len(s.train), len(s.val)) == (9, 3) and s.test is s.val and "no test/" in s.source
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "tiny", "--dataset", "folder", "--data-dir", str(root),
+                 "--val-fraction", "0.25", "--subset", "0", "--batch-size", "4",
+                 "--max-epochs", "1", "--sample-every", "0", "--device", "cpu",
+                 "--out", "run"]) == 0, capsys.readouterr().err

@@ -107,7 +107,7 @@ def _progress(iterable=None, **kw):
 
 def _tree_fingerprint(root: Path) -> list[int]:
     """Cheap change detector for an image folder split: [files, total bytes, max mtime_ns] of
-    root/<class>/* (the two levels `list_images` reads; symbolic links are followed there, so a
+    root/* and root/<class>/* (the two levels `list_images` reads; symbolic links are followed there, so a
     link loop deeper down is never walked, and one at those levels is a DataError naming it)."""
     count = total = 0
     newest = root.stat().st_mtime_ns
@@ -120,7 +120,7 @@ def _tree_fingerprint(root: Path) -> list[int]:
                     raise DataError(f"cannot read {entry.path} in the image folder ({e.strerror}; "
                                     "a broken symbolic link or a link loop?): remove it") from None
                 newest = max(newest, st.st_mtime_ns)  # dir mtimes catch adds/removes/renames
-                if level is not root and not entry.is_dir():
+                if not entry.is_dir():  # (root's own files: a flat folder's images)
                     count += 1
                     total += st.st_size
     return [count, total, newest]
@@ -179,14 +179,24 @@ def _fit(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
+def _flat_images(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def list_images(split_dir: Path, classes: list[str] | None):
-    """(files, labels, classes) of split_dir/<class>/*; classes must match when given."""
+    """(files, labels, classes) of split_dir/<class>/*; classes must match when given. A flat
+    folder (images in split_dir itself, no class subdirectories) is one unlabelled class."""
     if not split_dir.is_dir():
         raise DataError(f"image folder split {split_dir} not found; expected layout: "
                         "DATA_DIR/train/<class>/*.png|jpg|... and DATA_DIR/test/<class>/*")
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found and classes in (None, []) and _flat_images(split_dir):
+        files = _flat_images(split_dir)
+        return files, [0] * len(files), []
     if not found:
-        raise DataError(f"{split_dir} has no class subdirectories; expected {split_dir}/<class>/*")
+        raise DataError(f"{split_dir} has no class subdirectories and no images; expected "
+                        f"{split_dir}/<class>/* or images in {split_dir} itself")
     if classes is not None and found != classes:
         raise DataError(f"class folders in {split_dir} {found} differ from train/'s {classes}")
     files, labels, skipped = [], [], []
@@ -245,27 +255,38 @@ def _conversion(im: Image.Image) -> str:
     return f"{im.mode} images"
 
 
-def _decode_folder(root: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
-    tr_files, tr_labels, classes = list_images(root / "train", None)
-    te_files, te_labels, _ = list_images(root / "test", classes)
-    tr, expected = decode_images(tr_files, image_size, None, f"decode {root / 'train'}")
-    te, _ = decode_images(te_files, image_size, expected, f"decode {root / 'test'}")
+def _decode_folder(train_dir: Path, test_dir: Path | None,
+                   image_size: int) -> tuple[ImageSet, ImageSet]:
+    """The splits of an image folder; without test_dir the test set is empty (0 images)."""
+    tr_files, tr_labels, classes = list_images(train_dir, None)
+    tr, expected = decode_images(tr_files, image_size, None, f"decode {train_dir}")
+    if test_dir is None:
+        return (ImageSet(tr, np.array(tr_labels, np.int64), classes),
+                ImageSet(tr[:0], np.zeros(0, np.int64), classes))
+    te_files, te_labels, _ = list_images(test_dir, classes)
+    te, _ = decode_images(te_files, image_size, expected, f"decode {test_dir}")
     return (ImageSet(tr, np.array(tr_labels, np.int64), classes),
             ImageSet(te, np.array(te_labels, np.int64), classes))
 
 
-def _load_folder(root: Path, image_size: int, cache_dir: Path) -> tuple[ImageSet, ImageSet, str]:
+def _load_folder(root: Path, image_size: int, cache_dir: Path,
+                 val_fraction: float) -> tuple[ImageSet, ImageSet, str]:
+    """root/train/ and root/test/ (each <class>/* or flat); root/train/ alone, or root itself
+    (a flat folder or <class>/*), when --val-fraction holds out the images that validate and
+    test. A missing test split comes back empty."""
     root = root.expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist; expected an image folder "
                         f"{root}/train/<class>/* and {root}/test/<class>/*")
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise DataError(f"{root / split} not found; an image folder dataset needs "
-                            f"{root}/train/<class>/* and {root}/test/<class>/*")
-    key = ["folder", str(root), _tree_fingerprint(root / "train"),
-           _tree_fingerprint(root / "test"), image_size]
-    train, test = _cached(cache_dir, key, lambda: _decode_folder(root, image_size))
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    test_dir = root / "test" if (root / "test").is_dir() else None
+    if test_dir is None and not val_fraction:
+        raise DataError(f"{root} has no test/ split: pass --val-fraction F (e.g. 0.1) to hold "
+                        "out that fraction of its images to validate and test on, or add "
+                        f"{root}/test/<class>/* (then {root}/train/<class>/* for training)")
+    key = ["folder", str(root), _tree_fingerprint(train_dir),
+           _tree_fingerprint(test_dir) if test_dir else None, image_size]
+    train, test = _cached(cache_dir, key, lambda: _decode_folder(train_dir, test_dir, image_size))
     return train, test, f"image folder {root}"
 
 
@@ -433,7 +454,7 @@ def _load_cifar10(data_dir: str | None, image_size: int, download: bool, url: st
     kind, path = found
     path = path.resolve()
     if kind == "folder":
-        train, test, source = _load_folder(path, image_size, cache_dir)
+        train, test, source = _load_folder(path, image_size, cache_dir, 0.0)
         return train, test, f"CIFAR-10 {source}"
     if kind == "pickle":
         key = ["cifar10-pickle", str(path),
@@ -609,7 +630,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 0,
         if not data_dir:
             raise DataError("dataset 'folder' needs --data-dir PATH (or RESVAE_DATA_DIR) with "
                             "PATH/train/<class>/* and PATH/test/<class>/*")
-        train, test, source = _load_folder(Path(data_dir), image_size, cache)
+        train, test, source = _load_folder(Path(data_dir), image_size, cache, val_fraction)
     elif name == "cifar10":
         train, test, source = _load_cifar10(data_dir, image_size, download, url, cache,
                                             offer_download)
@@ -628,6 +649,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 0,
         perm = np.random.default_rng(seed).permutation(n)
         n_val = min(max(round(n * val_fraction), 1), n - 1)
         val, train = _take(train, np.sort(perm[:n_val])), _take(train, np.sort(perm[n_val:]))
+    if len(test) == 0:  # a folder without test/: the held-out images test too
+        test, source = val, f"{source} (no test/: the --val-fraction images validate and test)"
     return Splits(train=train, val=val, test=test, name=name, source=source)
 
 
