@@ -220,6 +220,12 @@ def test_a_budget_cut_better_than_every_ended_epoch_gives_the_tested_weights(tmp
     assert recs[-1]["val_loss"] < min(r["val_loss"] for r in recs[:2])  # (the premise)
     assert (s["stop_reason"], s["best_epoch"], s["best_val_loss"]) == (
         "budget", 3, recs[-1]["val_loss"])
+    # one account of the end: 2 epochs ended, epoch 3 cut after 2 batches, its cut tested
+    assert (s["epochs"], s["partial_epoch"], s["inside_epoch_batches"]) == (2, 3, 2)
+    assert s["account"] == (f"2 epoch(s) ended and 2 batches of epoch 3 before the stop; best "
+                            f"(val loss {recs[-1]['val_loss']:.2f}): the weights at the cut "
+                            "inside epoch 3")
+    assert s["final_train_loss"] == recs[1]["train_loss"]  # the last ended epoch's
     best = CK.load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["progress"]["batch"] == 2 and best["best_epoch"] == 2
     assert s["test_loss"] == pytest.approx(recs[-1]["val_loss"], rel=0.05)

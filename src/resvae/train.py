@@ -617,16 +617,36 @@ def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
 
 
 def _summary(s: Session, state: TrainState, stop_reason: str | None) -> dict:
-    return {"stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
-            "inside_epoch_batches": s.cut_at_batch,
-            "images_seen": state.images_seen, "training_seconds": state.train_seconds,
-            "invocation_training_seconds": state.train_seconds - s.train_seconds_at_start,
-            "wall_seconds": time.monotonic() - s.t_start,
-            # the cut epoch's record number when a budget cut gave the tested weights
-            "best_epoch": state.epoch + 1 if s.partial_best is not None else state.best_epoch,
-            "best_val_loss": s.partial_best if s.partial_best is not None
-            else state.early.best if state.best_epoch else None,
-            "skipped_updates": state.skipped_total, "world_size": s.rt.world_size}
+    summary = {
+        "stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
+        "inside_epoch_batches": s.cut_at_batch,
+        # the epoch a stop cut short (its batches above), else None: `epochs` counts ended ones
+        "partial_epoch": state.epoch + 1 if s.cut_at_batch else None,
+        "images_seen": state.images_seen, "training_seconds": state.train_seconds,
+        "invocation_training_seconds": state.train_seconds - s.train_seconds_at_start,
+        "wall_seconds": time.monotonic() - s.t_start,
+        # the cut epoch's record number when a budget cut gave the tested weights
+        "best_epoch": state.epoch + 1 if s.partial_best is not None else state.best_epoch,
+        "best_val_loss": s.partial_best if s.partial_best is not None
+        else state.early.best if state.best_epoch else None,
+        "skipped_updates": state.skipped_total, "world_size": s.rt.world_size}
+    summary["account"] = run_account(summary, best_is_cut=s.partial_best is not None)
+    return summary
+
+
+def run_account(summary: dict, best_is_cut: bool) -> str:
+    """How a run ended, in the words the log line, summary.json ("account") and the README's
+    table all use: epochs ended, the epoch cut short, and whose weights are the best."""
+    text = f"{summary['epochs']} epoch(s) ended"
+    if summary["partial_epoch"]:
+        text += (f" and {summary['inside_epoch_batches']:,} batches of epoch "
+                 f"{summary['partial_epoch']} before the stop")
+    best = summary["best_val_loss"]
+    if best is None:
+        return text + "; no finite validation loss"
+    where = (f"the weights at the cut inside epoch {summary['best_epoch']}" if best_is_cut
+             else f"epoch {summary['best_epoch']}'s weights")
+    return text + f"; best (val loss {best:.2f}): {where}"
 
 
 def _write_summary(s: Session, state: TrainState, summary: dict, test: dict | None) -> None:
@@ -661,13 +681,9 @@ def _closing_line(s: Session, state: TrainState, summary: dict, test: dict | Non
     if test is None:
         return (f"resvae: stopped ({stop_reason}) at epoch {state.epoch}, step {state.step}; "
                 f"resume with: resvae train --resume {s.run.root}")
-    best = summary["best_val_loss"]
-    best_at = (f"at epoch {state.best_epoch}" if s.partial_best is None
-               else f"(the cut epoch {summary['best_epoch']}'s)")
-    return (f"resvae: stopped ({stop_reason}) after {state.epoch} epochs, "
-            f"{state.train_seconds:.0f}s training; best val loss "
-            f"{math.inf if best is None else best:.2f} {best_at}; test loss "
-            f"{test['loss']:.2f}" + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
+    return (f"resvae: stopped ({stop_reason}), {state.train_seconds:.0f}s training: "
+            f"{summary['account']}; tested: test loss {test['loss']:.2f}"
+            + (f", test bpd {test['bpd']:.4f}" if "bpd" in test else ""))
 
 
-__all__ = ["train", "train_epoch", "log_step", "end_epoch", "finish"]
+__all__ = ["train", "train_epoch", "log_step", "end_epoch", "finish", "run_account"]
