@@ -137,6 +137,27 @@ def test_sigterm_inside_an_epoch_checkpoints_there_and_resume_is_exact(tmp_path,
     assert_same_run(a, b)
 
 
+def test_cpu_preset_with_max_epochs_resumes_exactly(tmp_path):
+    # The cpu preset's cosine lr follows the clock only when its --budget sets the run's length;
+    # with --max-epochs it follows the updates, so a stopped and resumed run is the same run.
+    def cfg(**extra):
+        return resolve(preset="cpu", environ={}, overrides={
+            "subset": 64, "batch_size": 16, "max_epochs": 2, "sample_every": 0,
+            "device": "cpu", "width": 0.125, "warmup_steps": 2, "dataset": "shapes", **extra})
+
+    from resvae.step import schedule_follows_clock
+
+    assert schedule_follows_clock(resolve(preset="cpu", environ={}).train)  # the 10-minute job
+    assert not schedule_follows_clock(cfg().train)
+    a, b = tmp_path / "a", tmp_path / "b"
+    sa = train_small(cfg(), a)
+    s = train_small(cfg(log_every=1), b, callbacks=[SignalAt(6)])  # inside epoch 2 of 4 updates
+    assert s["stop_reason"] == "SIGTERM" and s["steps"] == 6
+    sb = train_small(cfg(), b, resume=True)
+    assert_same_run(a, b)
+    assert sa["lr_follows_clock"] is False and sb["test_loss"] == sa["test_loss"]
+
+
 def test_sigint_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, monkeypatch):
     real = T.evaluate
     calls = []

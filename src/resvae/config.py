@@ -301,8 +301,10 @@ class TrainConfig:
     lr_schedule: str = setting(
         "constant", "learning rate after warm-up", choices=CHOICES["lr_schedule"], choice_help={
             "constant": "--lr throughout (ReduceLROnPlateau may still cut it)",
-            "cosine": "cosine decay from --lr to 0 over the --budget (by wall time: a 10-minute "
-                      "run ends annealed, whatever the machine's speed), else over --max-epochs"})
+            "cosine": "cosine decay from --lr to 0 over the --budget by wall time when the "
+                      "budget sets the run's length (--max-epochs at its default: a 10-minute "
+                      "run ends annealed, whatever the machine's speed, but is not reproducible "
+                      "bit for bit), else over --max-epochs' updates (exact on resume)"})
     ema: float = setting(
         0.0, "keep an exponential moving average of the weights with this decay and use it for "
         "validation, test, samples and the saved weights (VDVAE: 0.9999); 0 = off",

@@ -21,6 +21,15 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def schedule_follows_clock(tc) -> bool:
+    """Whether the cosine lr follows the wall clock: only when the clock sets the run's length
+    (a --budget, with --max-epochs left at its default). The schedule then ends annealed however
+    fast the machine is, but depends on its speed: such a run, resumed or repeated, is not the
+    same bit for bit. With --max-epochs set, it follows the updates, and resumes exactly."""
+    return (tc.lr_schedule == "cosine" and bool(tc.budget)
+            and tc.max_epochs == type(tc).__dataclass_fields__["max_epochs"].default)
+
+
 def cosine_factor(progress: float) -> float:
     """The cosine schedule's lr multiplier at `progress` in [0, 1] of the run (1 -> 0)."""
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))

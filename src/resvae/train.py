@@ -64,6 +64,7 @@ from .step import (
     cosine_factor,
     kl_beta,
     prepare_model,
+    schedule_follows_clock,
     training_step,
     warmup_factor,
 )
@@ -222,6 +223,10 @@ def _setup(cfg: RunConfig, run: RunDir, rt: D.Runtime, data: Splits | None, resu
     s.log(f"resvae: {data.name} from {data.source}: train {len(data.train)}, val "
           f"{len(data.val)}, image {s.image_shape}; {rt.world_size} process(es) on {rt.device}; "
           f"run dir {run.root}" + where)
+    if schedule_follows_clock(cfg.train):
+        s.log("resvae: note: the cosine lr follows the clock (--budget sets this run's length), "
+              "so this run, resumed or repeated, is not reproducible bit for bit; set "
+              "--max-epochs to make it follow the updates")
     return s, state
 
 
@@ -450,11 +455,11 @@ def settle(s: Session, state: TrainState, ep: Epoch, pending: list) -> bool:
 
 
 def schedule_factor(s: Session, state: TrainState) -> float:
-    """--lr-schedule's multiplier now: cosine over the budget's wall time when there is one (the
-    schedule then ends annealed however fast the machine is), else over --max-epochs' updates."""
+    """--lr-schedule's multiplier now: cosine over the budget's wall time when the budget sets
+    the run's length (step.schedule_follows_clock), else over --max-epochs' updates."""
     if s.cfg.train.lr_schedule == "constant":
         return 1.0
-    if s.budget is not None:
+    if schedule_follows_clock(s.cfg.train):
         return cosine_factor((time.monotonic() - s.t_start) / s.budget)
     return cosine_factor(state.step / (s.cfg.train.max_epochs * _batches_per_epoch(s)))
 
@@ -629,7 +634,9 @@ def _summary(s: Session, state: TrainState, stop_reason: str | None) -> dict:
         "best_epoch": state.epoch + 1 if s.partial_best is not None else state.best_epoch,
         "best_val_loss": s.partial_best if s.partial_best is not None
         else state.early.best if state.best_epoch else None,
-        "skipped_updates": state.skipped_total, "world_size": s.rt.world_size}
+        "skipped_updates": state.skipped_total, "world_size": s.rt.world_size,
+        # a clock-driven lr (step.schedule_follows_clock): not reproducible bit for bit
+        "lr_follows_clock": schedule_follows_clock(s.cfg.train)}
     summary["account"] = run_account(summary, best_is_cut=s.partial_best is not None)
     return summary
 
