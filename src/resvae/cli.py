@@ -229,6 +229,9 @@ def cmd_sweep(args) -> int:
     from .sweep import SweepSpec, load_sweep_file, sweep
 
     fixed = _flag_overrides(args, [k for k in fields_flat() if k not in ("depth", "shortcut")])
+    if args.seeds and fixed.get("seed") is not None:
+        raise ConfigError("resvae sweep: give --seeds (a grid axis) or --seed (one for every run), "
+                          "not both")
     if args.file:
         spec = load_sweep_file(args.file)
         spec.fixed.update(fixed)  # flags win over the file's [set]
@@ -245,6 +248,8 @@ def cmd_sweep(args) -> int:
         spec.grid["depth"] = args.depths
     if args.shortcut:
         spec.grid["shortcut"] = args.shortcut
+    if args.seeds:  # last: run names end in -seed<N>, and the report pools them per grid point
+        spec.grid["seed"] = args.seeds
     for key in ("budget_per_run", "iwae_k", "iwae_n"):
         if getattr(args, key) is not None:
             setattr(spec, key, getattr(args, key))
@@ -388,6 +393,16 @@ def _variants(text: str) -> list:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--variants: "))
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
 def _run_arg(p: argparse.ArgumentParser, data: bool = False) -> None:
     """RUN_DIR and --device for the commands on a saved run; `data`: the command reads the
     run's images, and --data-dir says where they are now."""
@@ -497,6 +512,10 @@ def _add_sweep_parser(sub, preset: str | None, presets: str) -> None:
                     help="a TOML sweep: preset, [grid] of lists, [set] of fixed settings")
     sw.add_argument("--depths", type=_depths, help="comma list, e.g. 20,52,100,204")
     sw.add_argument("--shortcut", type=_list, help="comma list of identity, projection, none")
+    sw.add_argument("--seeds", type=_seeds, metavar="S,S,...",
+                    help="a grid axis of seeds, e.g. 0,1,2: the report gives means with 95%% "
+                         "confidence intervals over them and residual-minus-plain differences "
+                         "on the same seeds (aggregate.csv, paired.csv)")
     sw.add_argument("--budget-per-run", dest="budget_per_run",
                     help="wall-clock guard per run, e.g. 15m (the comparison is images, not time)")
     sw.add_argument("--iwae-k", dest="iwae_k", type=_positive,

@@ -16,6 +16,7 @@ import html
 import io
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,7 @@ STUDY_NOTE = ("The 2018 study, Table 1: one GTX 1070; loss = 3072 x BCE + KL in 
               "original CIFAR-10. Comparable to runs here only with likelihood bernoulli on "
               "cifar10.")
 
-COLUMNS = ["name", "depth", "shortcut", "layers", "params", "gflops", "train_time_s", "images_seen",
+COLUMNS = ["name", "depth", "shortcut", "seed", "layers", "params", "gflops", "train_time_s", "images_seen",
            "epochs", "stop_reason", "best_epoch", "train_loss", "val_loss", "test_bpd",
            "test_iwae_bpd", "active_units", "status", "error"]
 COLUMN_NOTE = (
@@ -86,7 +87,8 @@ def find_runs(sweep_dir: str | Path) -> tuple[list[Path], list[dict | None]]:
 def _run_row(run_dir: Path, entry: dict | None) -> dict:
     entry, run = entry or {}, runs.RunDir(run_dir)
     # a failed run may have no config.json: its sweep.json entry still names depth and shortcut
-    model = vars(runs.read_config(run_dir).model) if run.config.exists() else {}
+    cfg = runs.read_config(run_dir) if run.config.exists() else None
+    model, train_cfg = (vars(cfg.model), vars(cfg.train)) if cfg else ({}, {})
     summary, ev = _read_optional(run.summary), _read_optional(run.eval)
     flops = summary.get("flops_per_image")
     # the ELBO on the whole test split (summary.json); eval.json's IWAE may cover fewer images
@@ -96,6 +98,7 @@ def _run_row(run_dir: Path, entry: dict | None) -> dict:
     return {"name": entry.get("name", run_dir.name),
             "depth": model.get("depth", entry.get("depth")),
             "shortcut": model.get("shortcut", entry.get("shortcut")),
+            "seed": train_cfg.get("seed", entry.get("seed")),
             "layers": summary.get("layers"), "params": summary.get("params"),
             "gflops": None if flops is None else flops / 1e9,
             "train_time_s": summary.get("training_seconds"),
@@ -131,7 +134,7 @@ def format_time(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-HEADERS = {"name": "run", "depth": "depth", "shortcut": "shortcut", "layers": "layers",
+HEADERS = {"name": "run", "depth": "depth", "shortcut": "shortcut", "seed": "seed", "layers": "layers",
            "params": "params", "gflops": "GFLOPs/img", "train_time_s": "train time",
            "images_seen": "images", "epochs": "epochs", "stop_reason": "stop",
            "best_epoch": "best epoch", "train_loss": "train loss", "val_loss": "val loss",
@@ -181,11 +184,141 @@ def write_results(sweep_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
             w.writeheader()
             w.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in rows)
 
+    agg, pairs = aggregate(rows), paired(rows)
     md = (f"# Results: {sweep.root.name}\n\n{format_table(rows)}\n{COLUMN_NOTE}\n\n"
-          f"## The 2018 study\n\n{STUDY_NOTE}\n\n{format_study_table()}")
+          + (f"## Over seeds\n\n{format_stats(agg, pairs)}\n"
+             if any(r["train_loss_n"] > 1 for r in agg) else "")  # one seed: the table above
+          + f"## The 2018 study\n\n{STUDY_NOTE}\n\n{format_study_table()}")
     atomic_write(paths["csv"], write_csv)
+    _write_csv(sweep.aggregate_csv, agg)
+    _write_csv(sweep.paired_csv, pairs)
+    paths.update(aggregate=sweep.aggregate_csv, paired=sweep.paired_csv)
     atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
     return paths
+
+
+# --- seeds: means with confidence intervals, and paired differences ----------------------------
+
+STAT_METRICS = ["train_loss", "val_loss", "test_bpd", "test_iwae_bpd"]
+# Student's t, two-sided 95% (0.975 quantile), for 1..30 degrees of freedom (standard tables);
+# above 30 the Cornish-Fisher expansion around the normal's 1.95996 is within 1e-4 of it.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t95(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (a 95% two-sided CI)."""
+    if df < 1:
+        raise ValueError(f"t95 needs df >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_ci(values: list[float]) -> dict:
+    """n, mean, sample standard deviation and the 95% t interval of the mean. One value gives
+    n = 1 and no sd or interval (never a zero-width interval)."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    n = len(v)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci_low": None, "ci_high": None}
+    mean = sum(v) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "sd": None, "ci_low": None, "ci_high": None}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    half = t95(n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def _config_name(name: str) -> str:
+    """A run's name without its seed part (sweep.run_name writes `...-seed<N>`): the grid point
+    its seeds share."""
+    return re.sub(r"(^|-)seed\d+(?=-|$)", "", name).strip("-") or name
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per configuration (grid point less its seed), each metric over its seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_config_name(r["name"]), []).append(r)
+    out = []
+    for config, group in groups.items():
+        row = {"config": config, "depth": group[0]["depth"], "shortcut": group[0]["shortcut"],
+               "seeds": " ".join(str(r.get("seed")) for r in group)}
+        for m in STAT_METRICS:
+            row.update({f"{m}_{k}": v for k, v in mean_ci([r[m] for r in group]).items()})
+        out.append(row)
+    return out
+
+
+def paired(rows: list[dict]) -> list[dict]:
+    """Residual minus plain, per configuration less its shortcut, over the seeds both ran: the
+    mean difference, its 95% t interval, and whether that interval excludes 0. A negative
+    difference means the residual net's loss is lower."""
+    plain, residual = {}, {}
+    for r in rows:
+        if r["shortcut"] is None:
+            continue
+        key = re.sub(rf"(^|-){re.escape(str(r['shortcut']))}(?=-|$)", "",
+                     _config_name(r["name"])).strip("-")
+        (plain if r["shortcut"] == "none" else residual).setdefault(
+            (key, r["shortcut"] if r["shortcut"] != "none" else None), {})[r.get("seed")] = r
+    out = []
+    for (key, shortcut), runs_by_seed in residual.items():
+        other = plain.get((key, None), {})
+        seeds = sorted(set(runs_by_seed) & set(other), key=str)
+        if not seeds:
+            continue
+        row = {"config": key, "depth": runs_by_seed[seeds[0]]["depth"],
+               "difference": f"{shortcut} - none", "seeds": " ".join(map(str, seeds))}
+        for m in STAT_METRICS:
+            d = [runs_by_seed[s][m] - other[s][m] for s in seeds
+                 if runs_by_seed[s][m] is not None and other[s][m] is not None]
+            st = mean_ci(d)
+            row.update({f"{m}_{k}": v for k, v in st.items()})
+            row[f"{m}_excludes_0"] = (None if st["ci_low"] is None
+                                      else st["ci_low"] > 0 or st["ci_high"] < 0)
+        out.append(row)
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(rows[0]) if rows else ["config"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    atomic_write(path, write)
+
+
+def _stat_cell(row: dict, m: str) -> str:
+    if row[f"{m}_mean"] is None:
+        return ""
+    if row[f"{m}_ci_low"] is None:
+        return f"{row[f'{m}_mean']:.4g} (n={row[f'{m}_n']})"
+    return (f"{row[f'{m}_mean']:.4g} [{row[f'{m}_ci_low']:.4g}, {row[f'{m}_ci_high']:.4g}] "
+            f"(n={row[f'{m}_n']})")
+
+
+def format_stats(agg: list[dict], pairs: list[dict]) -> str:
+    """results.md's tables over seeds: means with 95% CIs, and the paired differences."""
+    head = "| {} | " + " | ".join(STAT_METRICS) + " |"
+    rule = "|---|" + "---|" * len(STAT_METRICS)
+    out = ["Means over seeds with 95% t intervals [low, high]; n = 1 has no interval.", "",
+           head.format("config"), rule]
+    out += [f"| {r['config']} | " + " | ".join(_stat_cell(r, m) for m in STAT_METRICS) + " |"
+            for r in agg]
+    if pairs:
+        out += ["", "Residual minus plain on the same seeds (negative: the residual net is "
+                "lower); * the 95% interval excludes 0.", "", head.format("difference"), rule]
+        out += [f"| {r['config']}: {r['difference']} | " + " | ".join(
+            _stat_cell(r, m) + (" *" if r[f"{m}_excludes_0"] else "") for m in STAT_METRICS)
+            + " |" for r in pairs]
+    return "\n".join(out) + "\n"
 
 
 # --- figures -----------------------------------------------------------------------------------
@@ -429,6 +562,31 @@ def _results_html(rows: list[dict]) -> str:
             + "\n".join(body) + "\n</tbody></table></div>")
 
 
+def _stats_html(rows: list[dict]) -> str:
+    """The over-seeds tables (format_stats) when some grid point has several seeds."""
+    agg, pairs = aggregate(rows), paired(rows)
+    if not any(r["train_loss_n"] > 1 for r in agg):
+        return ""
+
+    def table(label: str, items: list[dict], star: bool) -> str:
+        head = f'<th class="text">{label}</th>' + "".join(
+            f'<th class="num">{m}</th>' for m in STAT_METRICS)
+        body = "".join(
+            f'<tr><td class="text">{html.escape(r["config"] + (": " + r["difference"] if star else ""))}'
+            "</td>" + "".join(f'<td class="num">{html.escape(_stat_cell(r, m))}'
+                              f'{" *" if star and r[f"{m}_excludes_0"] else ""}</td>'
+                              for m in STAT_METRICS) + "</tr>\n" for r in items)
+        return (f'<div class="wide"><table class="results"><thead><tr>{head}</tr></thead>'
+                f"<tbody>\n{body}</tbody></table></div>")
+
+    out = ("<h2>Over seeds</h2>\n<p>Means with 95% t intervals [low, high]; n = 1 has no "
+           "interval.</p>\n" + table("config", agg, False))
+    if pairs:
+        out += ("\n<p>Residual minus plain on the same seeds (negative: the residual net is "
+                "lower); * the 95% interval excludes 0.</p>\n" + table("difference", pairs, True))
+    return out + "\n"
+
+
 def _errors_html(rows: list[dict]) -> str:
     """The whole error text of each failed run (its table cell has room for the first line)."""
     failed = [r for r in rows if r["error"]]
@@ -489,7 +647,7 @@ Generated {html.escape(now)}.</p>
 <h2>Results</h2>
 {_results_html(rows)}
 <p class="note">{html.escape(COLUMN_NOTE)}</p>
-{_errors_html(rows)}<h2>The 2018 study, Table 1</h2>
+{_errors_html(rows)}{_stats_html(rows)}<h2>The 2018 study, Table 1</h2>
 {_study_html()}
 <p class="note">{html.escape(STUDY_NOTE)}</p>
 <h2>Loss curves</h2>
@@ -566,4 +724,5 @@ def compare(run_dirs) -> str:
 
 __all__ = ["STUDY_TABLE1", "COLUMNS", "FIGURES", "collect", "format_table", "write_results",
            "make_figures", "write_html", "report", "compare", "find_runs", "latest_samples",
+           "aggregate", "paired", "mean_ci", "t95", "format_stats",
            "plot_curves", "robust_top", "plot_loss_vs_depth", "plot_degradation", "plot_samples"]

@@ -99,6 +99,8 @@ class SweepDir:
     status = property(lambda self: self.root / "sweep.json")
     results_csv = property(lambda self: self.root / "results.csv")
     results_md = property(lambda self: self.root / "results.md")
+    aggregate_csv = property(lambda self: self.root / "aggregate.csv")  # over seeds
+    paired_csv = property(lambda self: self.root / "paired.csv")  # residual - plain, same seeds
 
     def run(self, name: str) -> RunDir:
         return RunDir(self.root / name)

@@ -142,7 +142,8 @@ def _write_status(sweep_dir: Path, spec: SweepSpec, entries: list[dict]) -> None
 
 def _entry(name: str, cfg: RunConfig, point: Mapping) -> dict:
     return {"name": name, "dir": name, **{k: v for k, v in point.items()},
-            "depth": cfg.model.depth, "shortcut": cfg.model.shortcut, "status": "pending",
+            "depth": cfg.model.depth, "shortcut": cfg.model.shortcut, "seed": cfg.train.seed,
+            "status": "pending",
             "error": None}
 
 
