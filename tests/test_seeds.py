@@ -70,3 +70,24 @@ def test_sweep_with_seeds_writes_aggregate_and_paired(tmp_path):
         assert sorted(r["seed"] for r in csv.DictReader(f)) == ["0", "0", "1", "1"]
     assert main(["sweep", "--preset", "tiny", "--depths", "20", "--seeds", "0,1", "--seed",
                  "3", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.usefixtures("small_runs")
+def test_print_commands_runs_the_same_sweep_elsewhere(tmp_path, capsys):
+    import shlex
+
+    out = tmp_path / "sw"
+    args = ["sweep", "--preset", "tiny", "--depths", "20", "--shortcut", "identity,none",
+            "--subset", "64", "--max-epochs", "1", "--iwae-k", "2", "--iwae-n", "4",
+            "--out", str(out)]
+    assert main([*args, "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[-1] == f"resvae report {out}"
+    assert not any(p.is_dir() for p in out.iterdir())  # nothing trained
+    for line in lines:  # what another scheduler would run, here in this process
+        for cmd in " ".join(shlex.split(line)).split(" && "):
+            words = cmd.split(" ")
+            assert words[0] == "resvae" and main(words[1:]) == 0, cmd
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["depth020-identity",
+                                                                   "depth020-none"]
+    assert (out / "depth020-none" / "eval.json").is_file() and (out / "results.md").is_file()

@@ -254,6 +254,11 @@ def cmd_sweep(args) -> int:
         if getattr(args, key) is not None:
             setattr(spec, key, getattr(args, key))
     out = Path(args.out or default_out)
+    if args.print_commands:
+        from .sweep import print_commands
+
+        print("\n".join(print_commands(spec, out, environ=os.environ)))
+        return 0
     entries = sweep(spec, out, environ=os.environ)
     return 0 if all(e["status"] == "done" for e in entries) else 1
 
@@ -512,6 +517,11 @@ def _add_sweep_parser(sub, preset: str | None, presets: str) -> None:
                     help="a TOML sweep: preset, [grid] of lists, [set] of fixed settings")
     sw.add_argument("--depths", type=_depths, help="comma list, e.g. 20,52,100,204")
     sw.add_argument("--shortcut", type=_list, help="comma list of identity, projection, none")
+    sw.add_argument("--print-commands", dest="print_commands", action="store_true",
+                    help="print one `resvae train` (and `resvae eval`) command per run, then "
+                         "`resvae report`, for another scheduler (an sbatch array, GNU "
+                         "parallel); writes each run's config into the sweep directory, trains "
+                         "nothing")
     sw.add_argument("--seeds", type=_seeds, metavar="S,S,...",
                     help="a grid axis of seeds, e.g. 0,1,2: the report gives means with 95%% "
                          "confidence intervals over them and residual-minus-plain differences "

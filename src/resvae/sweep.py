@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -253,6 +254,28 @@ def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, lo
     return entries
 
 
+def print_commands(spec: SweepSpec, sweep_dir: str | Path,
+                   environ: Mapping[str, str] | None = None) -> list[str]:
+    """The sweep as shell commands, one `resvae train` (and `resvae eval`) per grid point, then
+    `resvae report`, for any other scheduler (an sbatch array, GNU parallel, a cloud batch
+    service). Nothing trains; each run's resolved config is written beside where it will run
+    (SWEEP_DIR/.<name>.config.json), so a command is exact whatever shell or machine runs it."""
+    sweep_dir = Path(sweep_dir)
+    runs = plan(spec, environ)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, cfg in runs:
+        run, planned = SweepDir(sweep_dir).run(name), SweepDir(sweep_dir).planned_config(name)
+        write_json(planned, to_dict(cfg))
+        cmd = ["resvae", "train", "--config", str(planned), "--out", str(run.root)]
+        if spec.iwae_k > 0:
+            cmd = [*cmd, "&&", "resvae", "eval", str(run.root), "--k", str(spec.iwae_k),
+                   "--n", str(spec.iwae_n)]
+        lines.append(" ".join(shlex.quote(c) if c != "&&" else c for c in cmd))
+    lines.append(shlex.join(["resvae", "report", str(sweep_dir)]))
+    return lines
+
+
 def _visible_gpus() -> list[str]:
     import torch
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
@@ -321,4 +344,4 @@ def read_sweep(sweep_dir: str | Path) -> dict:
     return read_json(SweepDir(sweep_dir).status)
 
 
-__all__ = ["SweepSpec", "load_sweep_file", "plan", "sweep", "run_name", "read_sweep"]
+__all__ = ["print_commands", "SweepSpec", "load_sweep_file", "plan", "sweep", "run_name", "read_sweep"]
