@@ -228,6 +228,9 @@ def _flag_overrides(args, keys) -> dict:
 def cmd_sweep(args) -> int:
     from .sweep import SweepSpec, load_sweep_file, sweep
 
+    if args.status:
+        return _sweep_status(Path(args.status))
+
     fixed = _flag_overrides(args, [k for k in fields_flat() if k not in ("depth", "shortcut")])
     if args.seeds and fixed.get("seed") is not None:
         raise ConfigError("resvae sweep: give --seeds (a grid axis) or --seed (one for every run), "
@@ -259,8 +262,36 @@ def cmd_sweep(args) -> int:
 
         print("\n".join(print_commands(spec, out, environ=os.environ)))
         return 0
+    launcher = args.launcher or spec.launcher.get("name", "local")
+    if launcher == "slurm":
+        from .slurm import SlurmSettings
+        from .sweep import submit_slurm
+
+        table = {**spec.launcher, **{k: getattr(args, k) for k in SLURM_FLAGS
+                                     if getattr(args, k) is not None}}
+        settings = SlurmSettings.from_table(table, args.file or "resvae sweep")
+        entries = submit_slurm(spec, out, settings, environ=os.environ, wait=args.wait)
+        return 0 if not args.wait or all(e["status"] == "done" for e in entries) else 1
+    if launcher != "local":
+        raise ConfigError(f"sweep launcher {launcher!r}: expected local or slurm")
     entries = sweep(spec, out, environ=os.environ)
     return 0 if all(e["status"] == "done" for e in entries) else 1
+
+
+SLURM_FLAGS = ("partition", "time", "gpus_per_run", "cpus_per_run", "mem", "account", "qos",
+               "constraint", "max_parallel")
+
+
+def _sweep_status(sweep_dir: Path) -> int:
+    """`resvae sweep --status SWEEP_DIR`: one line per run (name, job id, state, progress)."""
+    from .slurm import status_lines
+    from .sweep import read_sweep
+
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"--status {sweep_dir}: no such sweep directory")
+    status = read_sweep(sweep_dir)
+    print("\n".join(status_lines(sweep_dir, status["runs"], status.get("iwae_k", 100) > 0)))
+    return 0
 
 
 # The settings a training step depends on; the rest of [train] (schedules, budget, logging)
@@ -517,6 +548,25 @@ def _add_sweep_parser(sub, preset: str | None, presets: str) -> None:
                     help="a TOML sweep: preset, [grid] of lists, [set] of fixed settings")
     sw.add_argument("--depths", type=_depths, help="comma list, e.g. 20,52,100,204")
     sw.add_argument("--shortcut", type=_list, help="comma list of identity, projection, none")
+    sw.add_argument("--launcher", choices=["local", "slurm"],
+                    help="local: run here (default); slurm: one Slurm job array through "
+                         "submitit (pip install 'resvae[slurm]'); also a sweep file's "
+                         "[launcher] name")
+    sw.add_argument("--status", metavar="SWEEP_DIR",
+                    help="print each run's Slurm job id, state and progress, and exit")
+    sw.add_argument("--wait", action="store_true",
+                    help="with --launcher slurm: wait for the jobs, print state changes, then "
+                         "write the report (default: return once submitted)")
+    for flag, kind, text in (
+            ("partition", str, "Slurm partition"), ("time", str, "time limit per task, e.g. "
+             "4h (the run checkpoints and is requeued at it; default 4h)"),
+            ("gpus-per-run", int, "GPUs per run (default 0)"),
+            ("cpus-per-run", int, "CPUs per run (default 1)"), ("mem", str, "memory per run, "
+             "e.g. 16G"), ("account", str, "Slurm account"), ("qos", str, "Slurm QOS"),
+            ("constraint", str, "Slurm constraint"),
+            ("max-parallel", int, "at most this many runs at once (the array's %% limit)")):
+        sw.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind,
+                        help=f"--launcher slurm: {text}")
     sw.add_argument("--print-commands", dest="print_commands", action="store_true",
                     help="print one `resvae train` (and `resvae eval`) command per run, then "
                          "`resvae report`, for another scheduler (an sbatch array, GNU "

@@ -46,7 +46,8 @@ from .runs import (
     write_json,
 )
 
-SWEEP_FILE_KEYS = {"preset", "config", "out", "grid", "set", "budget_per_run", "iwae_k", "iwae_n"}
+SWEEP_FILE_KEYS = {"preset", "config", "out", "grid", "set", "budget_per_run", "iwae_k", "iwae_n",
+                   "launcher"}
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SweepSpec:
     iwae_k: int = 100  # 0 = no IWAE evaluation
     iwae_n: int = 1000  # test images for the IWAE estimate (evenly spaced); 0 = all
     out: str = ""  # where a sweep file says its runs go ("" = the command decides)
+    launcher: dict = field(default_factory=dict)  # a sweep file's [launcher] table (slurm.py)
 
     def points(self) -> list[dict]:
         keys = list(self.grid)
@@ -98,7 +100,7 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
     return SweepSpec(grid=grid, preset=d.get("preset"), config=d.get("config"),
                      fixed=fixed, budget_per_run=d.get("budget_per_run", ""),
                      iwae_k=d.get("iwae_k", 100), iwae_n=d.get("iwae_n", 1000),
-                     out=d.get("out", ""))
+                     out=d.get("out", ""), launcher=dict(d.get("launcher") or {}))
 
 
 def plan(spec: SweepSpec, environ: Mapping[str, str] | None = None) -> list[tuple[str, RunConfig]]:
@@ -340,8 +342,72 @@ def _parallel(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], 
     _write_status(sweep_dir, spec, entries)
 
 
+def submit_slurm(spec: SweepSpec, sweep_dir: str | Path, settings, *,
+                 environ: Mapping[str, str] | None = None, wait: bool = False,
+                 poll_seconds: float = 10.0, log=print) -> list[dict]:
+    """`resvae sweep --launcher slurm`: one Slurm job array (through submitit) for the runs that
+    are neither finished nor pending/running in Slurm; returns once submitted, or with `wait`
+    when no job is left in the queue, then writes the report. sweep.json records each run's job
+    id; `resvae sweep --status SWEEP_DIR` reads it back."""
+    from .slurm import RunTask, queue_states, run_state, submit
+
+    sweep_dir = Path(sweep_dir)
+    runs = plan(spec, environ)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(sweep_dir):
+        old = {e["name"]: e for e in (read_sweep(sweep_dir).get("runs", [])
+                                      if SweepDir(sweep_dir).status.exists() else [])}
+        entries = [{**_entry(name, cfg, point), "job_id": old.get(name, {}).get("job_id")}
+                   for (name, cfg), point in zip(runs, spec.points())]
+        queued = queue_states([e["job_id"] for e in entries if e["job_id"]])
+        tasks = []
+        for (name, cfg), e in zip(runs, entries):
+            run = SweepDir(sweep_dir).run(name)
+            e["status"] = run_state(run.root, e["job_id"], queued, spec.iwae_k > 0)
+            if e["status"] == "done" or e["job_id"] in queued:
+                continue
+            if run.config.exists():
+                _same_model(run, cfg)
+            write_json(SweepDir(sweep_dir).planned_config(name), to_dict(cfg))
+            eval_args = ["--k", str(spec.iwae_k), "--n", str(spec.iwae_n)] if spec.iwae_k else []
+            tasks.append((name, RunTask(str(run.root), str(SweepDir(sweep_dir).planned_config(
+                name)), eval_args)))
+        ids = submit(tasks, sweep_dir, settings) if tasks else {}
+        for e in entries:
+            if e["name"] in ids:
+                e.update(job_id=ids[e["name"]], status="submitted")
+        _write_status(sweep_dir, spec, entries)
+    log(f"resvae sweep: {len(ids)} of {len(entries)} runs submitted to Slurm "
+        f"({', '.join(sorted(set(ids.values()), key=str)) or 'none'}); watch with "
+        f"resvae sweep --status {sweep_dir}")
+    return _wait(sweep_dir, spec, entries, poll_seconds, log) if wait else entries
+
+
+def _wait(sweep_dir: Path, spec: SweepSpec, entries: list[dict], poll_seconds: float,
+          log) -> list[dict]:
+    """Poll squeue until none of the sweep's jobs is queued, printing each state change; then
+    the runs' final states and the report."""
+    from .report import report
+    from .slurm import queue_states, run_state
+
+    while True:
+        queued = queue_states([e["job_id"] for e in entries if e.get("job_id")])
+        for e in entries:
+            state = run_state(SweepDir(sweep_dir).run(e["name"]).root, e.get("job_id"), queued,
+                              spec.iwae_k > 0)
+            if state != e["status"]:
+                log(f"resvae sweep: {e['name']} ({e.get('job_id')}): {state}")
+                e["status"] = state
+        if not any(e.get("job_id") in queued for e in entries):
+            break
+        time.sleep(poll_seconds)
+    _write_status(sweep_dir, spec, entries)
+    report(sweep_dir)
+    return entries
+
+
 def read_sweep(sweep_dir: str | Path) -> dict:
     return read_json(SweepDir(sweep_dir).status)
 
 
-__all__ = ["print_commands", "SweepSpec", "load_sweep_file", "plan", "sweep", "run_name", "read_sweep"]
+__all__ = ["submit_slurm", "print_commands", "SweepSpec", "load_sweep_file", "plan", "sweep", "run_name", "read_sweep"]

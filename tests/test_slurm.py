@@ -1,0 +1,101 @@
+"""`resvae sweep --launcher slurm` against a real Slurm cluster (tests/cluster/slurm-up.sh brings
+up a one-node one; CI does). Skipped, with the reason, where no cluster answers or submitit is
+missing."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from resvae.cli import main
+
+pytest.importorskip("submitit", reason="submitit not installed (pip install -e '.[slurm]')")
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    up = ("idle", "mixed", "allocated", "completing")  # not down, drained or failing
+    return out.returncode == 0 and any(s.strip("*~#") in up for s in out.stdout.split())
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    not _cluster_up(), reason="no Slurm cluster reachable (bash tests/cluster/slurm-up.sh)")]
+
+
+def test_sweep_on_slurm_runs_each_point_as_an_array_task(tmp_path, clean_env, capsys):
+    from resvae.slurm import SlurmSettings
+    from resvae.sweep import SweepSpec, submit_slurm
+
+    out = tmp_path / "sw"
+    spec = SweepSpec(grid={"depth": [20], "shortcut": ["identity", "none"]}, preset="tiny",
+                     fixed={"subset": 64, "max_epochs": 1, "sample_every": 0, "device": "cpu"},
+                     iwae_k=2, iwae_n=4)
+    entries = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={}, wait=True,
+                           poll_seconds=1, log=lambda *a: None)
+    assert [e["status"] for e in entries] == ["done", "done"]
+    status = json.loads((out / "sweep.json").read_text())
+    ids = [e["job_id"] for e in status["runs"]]
+    assert all(ids) and len({i.split("_")[0] for i in ids}) == 1  # one job array
+    for name in ("depth020-identity", "depth020-none"):
+        assert json.loads((out / name / "summary.json").read_text())["stop_reason"] == "max_epochs"
+        assert (out / name / "eval.json").is_file()
+    assert (out / "results.md").is_file()
+    capsys.readouterr()
+    assert main(["sweep", "--status", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(" done " in ln and "epoch 1" in ln for ln in lines)
+    # the same sweep again submits nothing: both runs are finished
+    again = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={}, log=lambda *a: None)
+    assert [e["job_id"] for e in again] == ids and [e["status"] for e in again] == ["done"] * 2
+
+
+@pytest.mark.slow  # about 80 s: two requeues and the reference run
+def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clean_env):
+    # scontrol requeue (what preemption does) twice while the run trains: Slurm sends SIGTERM,
+    # resvae train checkpoints, the task goes back to pending, and the next start resumes;
+    # the losses are those of a run never stopped (CPU, fp32)
+    import time
+
+    from resvae.config import resolve
+    from resvae.slurm import SlurmSettings, queue_states
+    from resvae.sweep import SweepSpec, submit_slurm
+    from resvae.train import train
+
+    fixed = {"subset": 256, "max_epochs": 20, "sample_every": 0, "device": "cpu",
+             "batch_size": 16, "checkpoint_every": "4steps"}
+    spec = SweepSpec(grid={"depth": [20]}, preset="tiny", fixed=fixed, iwae_k=0)
+    out = tmp_path / "sw"
+    [entry] = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={},
+                           log=lambda *a: None)
+    job, run = entry["job_id"], out / "depth020"
+    hist, last = run / "history.jsonl", run / "checkpoints" / "last.pt"
+    for i in range(2):  # requeue once invocation i + 1 has written a checkpoint of its own
+        deadline = time.monotonic() + 120
+        while not (hist.exists() and len(hist.read_text().splitlines()) == i + 1):
+            assert time.monotonic() < deadline, "the task did not start"
+            time.sleep(0.2)
+        started = time.time()
+        while not (last.exists() and last.stat().st_mtime > started):
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        # Slurm holds a requeued job back (pending, reason BeginTime) for two minutes: once it
+        # is pending again, let it start now
+        while queue_states([job]).get(job) != "PENDING":
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    while queue_states([job]):
+        time.sleep(1)
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and history[-1]["stop_reason"] == "max_epochs"  # 2 requeues
+    ref = train(resolve(preset="tiny", environ={}, overrides={**fixed, "depth": 20}),
+                tmp_path / "ref", progress=False)
+    got = json.loads((run / "summary.json").read_text())
+    assert got["test_loss"] == ref["test_loss"] and got["best_val_loss"] == ref["best_val_loss"]
