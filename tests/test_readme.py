@@ -94,3 +94,16 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, clean_env):
         exec(code, scope)  # (clean_env: no RESVAE_* of the caller reaches resolve)
     assert scope["summary"]["epochs"] == 1 and scope["images"].shape == (16, 3, 32, 32)
     assert (tmp_path / "runs" / "mine" / "summary.json").is_file()
+
+
+def test_readme_slurm_sweep_file_plans(tmp_path):
+    # the "On a Slurm cluster" sweep file: a valid sweep (24 runs) and launcher table
+    from resvae.slurm import SlurmSettings
+    from resvae.sweep import load_sweep_file, plan
+
+    section = README.split("## On a Slurm cluster")[1].split("\n## ")[0]
+    path = tmp_path / "study-seeds.toml"
+    path.write_text(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
+    spec = load_sweep_file(path)
+    assert len(plan(spec, environ={})) == 24
+    assert SlurmSettings.from_table(spec.launcher, str(path)).minutes() == 240
