@@ -99,3 +99,40 @@ def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clea
                 tmp_path / "ref", progress=False)
     got = json.loads((run / "summary.json").read_text())
     assert got["test_loss"] == ref["test_loss"] and got["best_val_loss"] == ref["best_val_loss"]
+
+
+def test_srun_two_tasks_train_as_torchrun_two_processes(tmp_path, clean_env):
+    # `srun --ntasks 2 resvae train` reads rank, world size, local rank and the master from
+    # Slurm's environment: the same run (gloo, CPU) as `torchrun --nproc_per_node 2`
+    import sys
+
+    from conftest import child_env, free_port
+
+    args = ["-m", "resvae", "train", "--preset", "tiny", "--subset", "64", "--batch-size", "16",
+            "--max-epochs", "2", "--sample-every", "0", "--device", "cpu"]
+    env = child_env(tmp_path)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), "-m", "resvae", *args[2:],
+                    "--out", str(tmp_path / "torchrun")], env=env, check=True, timeout=300)
+    subprocess.run(["srun", "--ntasks", "2", sys.executable, *args, "--out",
+                    str(tmp_path / "srun")], env=env, check=True, timeout=300)
+    for run in ("torchrun", "srun"):
+        assert json.loads((tmp_path / run / "summary.json").read_text())["world_size"] == 2
+    losses = [[(r["train_loss"], r["val_loss"]) for r in map(json.loads, (
+        tmp_path / run / "metrics.jsonl").read_text().splitlines())] for run in ("torchrun", "srun")]
+    assert losses[0] == losses[1]
+
+
+def test_a_sweep_task_of_two_processes_trains_one_ddp_run(tmp_path, clean_env):
+    from resvae.slurm import SlurmSettings
+    from resvae.sweep import SweepSpec, submit_slurm
+
+    spec = SweepSpec(grid={"depth": [20]}, preset="tiny", iwae_k=2, iwae_n=4,
+                     fixed={"subset": 64, "batch_size": 16, "max_epochs": 1, "sample_every": 0,
+                            "device": "cpu"})
+    [e] = submit_slurm(spec, tmp_path / "sw", SlurmSettings(time="10m", tasks_per_run=2),
+                       environ={}, wait=True, poll_seconds=1, log=lambda *a: None)
+    assert e["status"] == "done"
+    run = tmp_path / "sw" / "depth020"
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert (run / "eval.json").is_file()

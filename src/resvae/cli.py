@@ -278,8 +278,8 @@ def cmd_sweep(args) -> int:
     return 0 if all(e["status"] == "done" for e in entries) else 1
 
 
-SLURM_FLAGS = ("partition", "time", "gpus_per_run", "cpus_per_run", "mem", "account", "qos",
-               "constraint", "max_parallel")
+SLURM_FLAGS = ("partition", "time", "gpus_per_run", "cpus_per_run", "tasks_per_run", "mem",
+               "account", "qos", "constraint", "max_parallel")
 
 
 def _sweep_status(sweep_dir: Path) -> int:
@@ -561,7 +561,9 @@ def _add_sweep_parser(sub, preset: str | None, presets: str) -> None:
             ("partition", str, "Slurm partition"), ("time", str, "time limit per task, e.g. "
              "4h (the run checkpoints and is requeued at it; default 4h)"),
             ("gpus-per-run", int, "GPUs per run (default 0)"),
-            ("cpus-per-run", int, "CPUs per run (default 1)"), ("mem", str, "memory per run, "
+            ("cpus-per-run", int, "CPUs per task (default 1)"),
+            ("tasks-per-run", int, "processes per run, one DDP rank each, started by srun on "
+             "one node (default 1)"), ("mem", str, "memory per run, "
              "e.g. 16G"), ("account", str, "Slurm account"), ("qos", str, "Slurm QOS"),
             ("constraint", str, "Slurm constraint"),
             ("max-parallel", int, "at most this many runs at once (the array's %% limit)")):

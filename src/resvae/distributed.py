@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -60,9 +61,33 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def launch_env(environ=os.environ) -> dict[str, str] | None:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for this
+    process: torchrun's own, or under `srun --ntasks N` (N > 1) Slurm's: SLURM_PROCID,
+    SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the first host of SLURM_JOB_NODELIST (expanded by `scontrol
+    show hostnames`) and a port from the job id. None for a plain process, or one Slurm task."""
+    if "RANK" in environ:
+        return None  # torchrun set them all already
+    # SLURM_STEP_NUM_TASKS: srun sets it for its tasks; a batch script's own process (which has
+    # SLURM_NTASKS of the whole allocation) is no rank of anything
+    if int(environ.get("SLURM_STEP_NUM_TASKS", "1")) < 2 or "SLURM_PROCID" not in environ:
+        return None
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                           text=True, timeout=30).stdout.split() if nodes else []
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1"),
+            # one port per job (and step), the same on every task of it
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(
+                20000 + (int(environ.get("SLURM_JOB_ID", "0")) * 7
+                         + int(environ.get("SLURM_STEP_ID", "0") or 0)) % 20000)}
+
+
 def launched_as_main() -> bool:
     """Whether this process is rank 0 (or alone), before `setup` has run: the one that writes."""
-    return int(os.environ.get("RANK", "0")) == 0
+    slurm = launch_env() or {}
+    return int(os.environ.get("RANK", slurm.get("RANK", "0"))) == 0
 
 
 def setup(device: str = "auto", timeout: float | None = None) -> Runtime:
@@ -70,6 +95,7 @@ def setup(device: str = "auto", timeout: float | None = None) -> Runtime:
     `timeout` (seconds): how long a collective waits for the other ranks before it fails, so a
     hung peer ends the run with an error instead of blocking it forever (a dead one breaks
     gloo's connections at once)."""
+    os.environ.update(launch_env() or {})  # srun --ntasks N: as torchrun would have set them
     if "RANK" not in os.environ:
         return Runtime(resolve_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -220,6 +246,6 @@ def convert_cpu_sync_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["Runtime", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "any_rank",
+__all__ = ["Runtime", "launch_env", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "any_rank",
            "agree_max", "gather_to_main",
            "barrier", "resolve_device", "device_name", "CPUSyncBatchNorm", "convert_cpu_sync_bn"]

@@ -14,6 +14,7 @@ accounting (and the one-node test cluster, tests/cluster/slurm-up.sh) have none.
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
@@ -35,7 +36,8 @@ class SlurmSettings:
     partition: str | None = None
     time: str = "4h"  # per task; the run checkpoints and is requeued when it runs out
     gpus_per_run: int = 0
-    cpus_per_run: int = 1
+    cpus_per_run: int = 1  # per task
+    tasks_per_run: int = 1  # > 1: one DDP process per task (srun), as torchrun would start them
     mem: str | None = None  # e.g. "16G"
     account: str | None = None
     qos: str | None = None
@@ -93,7 +95,10 @@ class RunTask:
         return cmds
 
     def __call__(self) -> str:
-        for cmd in self.commands():
+        cmds = self.commands()
+        if os.environ.get("SLURM_PROCID", "0") != "0":  # a run of several tasks: train together,
+            cmds = [c for c in cmds if c[3] == "train"]  # rank 0 alone evaluates
+        for cmd in cmds:
             print("resvae slurm task:", shlex.join(cmd), flush=True)
             self.child = subprocess.Popen(cmd)
             rc = self.child.wait()
@@ -118,6 +123,7 @@ def submit(tasks: list[tuple[str, RunTask]], sweep_dir: Path, settings: SlurmSet
     submitit = _submitit()
     executor = submitit.AutoExecutor(folder=sweep_dir / "slurm", cluster="slurm")
     params = {"timeout_min": settings.minutes(), "cpus_per_task": settings.cpus_per_run,
+              "tasks_per_node": settings.tasks_per_run,
               "slurm_array_parallelism": settings.max_parallel, "name": "resvae-sweep"}
     if settings.gpus_per_run:
         params["gpus_per_node"] = settings.gpus_per_run
