@@ -117,3 +117,19 @@ def test_onnx_without_onnxscript_names_the_extra(run, tmp_path, monkeypatch, cap
     path = tmp_path / "decoder.onnx"
     assert main(["export", str(run[0]), "--format", "onnx", "-o", str(path)]) == 2
     assert "pip install 'resvae[onnx]'" in capsys.readouterr().err and not path.exists()
+
+
+def test_export_never_replaces_without_overwrite(run, tmp_path, capsys):
+    run_dir, _ = run
+    out = tmp_path / "hub"
+    assert main(["export", str(run_dir), "-o", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["export", str(run_dir), "-o", str(out), "--which", "last"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["export", str(run_dir), "-o", str(mine)]) == 2  # any non-empty folder
+    assert main(["export", str(run_dir), "-o", str(out), "--which", "last", "--overwrite"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != before

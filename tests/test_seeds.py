@@ -91,3 +91,10 @@ def test_print_commands_runs_the_same_sweep_elsewhere(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["depth020-identity",
                                                                    "depth020-none"]
     assert (out / "depth020-none" / "eval.json").is_file() and (out / "results.md").is_file()
+
+
+def test_grid_values_name_folders_inside_the_sweep_never_paths():
+    from resvae.sweep import run_name
+
+    name = run_name({"depth": 20, "data_dir": "/../../../../tmp/x/ESCAPED"})
+    assert "/" not in name and name == "depth020-data_dir_.._.._.._.._tmp_x_ESCAPED"

@@ -392,7 +392,8 @@ def cmd_interpolate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
 
-    print(export_run(args.run_dir, args.o, fmt=args.format, which=args.which))
+    print(export_run(args.run_dir, args.o, fmt=args.format, which=args.which,
+                     overwrite=args.overwrite))
     return 0
 
 
@@ -714,6 +715,8 @@ def _add_export_parser(sub) -> None:
                     help="hub: a folder (default); onnx: the decoder as one .onnx file")
     ex.add_argument("-o", required=True, metavar="OUT", help="the folder (hub) or file (onnx)")
     ex.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace what OUT holds (without it, an existing OUT is an error)")
     ex.set_defaults(func=cmd_export)
 
 

@@ -11,7 +11,7 @@ import torch
 from . import __version__
 from .checkpoints import load_run, save_pretrained
 from .config import RunConfig, to_dict
-from .errors import ConfigError, MissingDependency
+from .errors import ConfigError, MissingDependency, RunError
 from .files import atomic_write
 from .vae import eval_mode
 from .vae_base import BaseVAE
@@ -19,13 +19,31 @@ from .vae_base import BaseVAE
 FORMATS = ("hub", "onnx")
 
 
-def export_run(run_dir, out, fmt: str = "hub", which: str = "best") -> Path:
+def export_run(run_dir, out, fmt: str = "hub", which: str = "best",
+               overwrite: bool = False) -> Path:
     """`resvae export`: the weights of a run (`which` checkpoint; anything `load_run` reads) as
-    an exported folder (`hub`) or the decoder as an ONNX file (`onnx`)."""
+    an exported folder (`hub`) or the decoder as an ONNX file (`onnx`). An existing export (or
+    any non-empty folder, or file) at `out` is replaced only with `overwrite`."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    _check_out(Path(out), fmt, overwrite)
     vae, cfg = load_run(run_dir, which=which)
     return save_pretrained(vae, cfg, out) if fmt == "hub" else export_onnx(vae, cfg, out)
+
+
+def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
+    """Nothing of the user's is replaced without --overwrite; a run directory never is."""
+    if (out / "checkpoints").exists():
+        raise RunError(f"{out}: holds a run (checkpoints/); export into another folder")
+    taken = (out.is_dir() and any(out.iterdir())) if fmt == "hub" else out.exists()
+    if taken and not overwrite:
+        what = "a non-empty folder" if out.is_dir() else "a file"
+        raise ConfigError(f"-o {out}: {what} is there already; choose another path, or pass "
+                          "--overwrite to replace "
+                          + ("its config.json and model.safetensors" if fmt == "hub" else "it"))
+    if fmt == "onnx" and out.is_dir():
+        raise ConfigError(f"-o {out}: a folder; --format onnx writes one file (e.g. "
+                          f"{out / 'decoder.onnx'})")
 
 
 def export_onnx(vae: BaseVAE, cfg: RunConfig, path) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def run_name(point: Mapping) -> str:
         elif key == "shortcut":
             parts.append(str(value))
         else:
-            parts.append(f"{key}{value}")
+            # a grid value is text from a shared file: it names a folder, never a path (a
+            # data_dir of "/../../x" must not write outside the sweep directory)
+            parts.append(f"{key}{re.sub(r'[^A-Za-z0-9._+=]', '_', str(value))}")
     return "-".join(parts)
 
 
