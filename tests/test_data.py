@@ -422,3 +422,19 @@ def test_train_download_over_http_once_then_from_cache_or_data_dir(tmp_path, mon
         server.close()
     cfg = json.loads((tmp_path / "r3" / "config.json").read_text())
     assert cfg["data"]["download"] is True
+
+
+def test_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    # PIL's convert("RGB") clips an "I;16" image at 255: a 16-bit PNG became all white
+    for split in ("train", "test"):
+        d = tmp_path / split / "a"
+        d.mkdir(parents=True)
+        ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)  # 0 .. 64512
+        Image.fromarray(ramp).save(d / "x.png")  # written as a 16-bit grayscale PNG
+        assert Image.open(d / "x.png").mode.startswith("I")
+    with pytest.warns(UserWarning, match="16-bit grayscale images: scaled"):
+        s = load_dataset("folder", str(tmp_path))
+    img = s.train.images[0]
+    want = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(img[0], want) and np.array_equal(img[1], want)
+    assert img.min() == 0 and 250 < img.max() < 255

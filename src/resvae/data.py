@@ -225,7 +225,7 @@ def decode_images(files: list[Path], image_size: int, expected: tuple | None, de
                 im.load()  # forces a full decode so truncated files raise here
                 if im.mode != "RGB":
                     converted.setdefault(_conversion(im), path)
-                im = im.convert("RGB")
+                im = _to_rgb(im)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {path}: {e}") from e
         if image_size:
@@ -245,12 +245,29 @@ def decode_images(files: list[Path], image_size: int, expected: tuple | None, de
     return out, expected
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, 8 bits a channel. 16- and 32-bit grayscale ("I;16", "I") is scaled to 0..255 from
+    its 16-bit range: PIL's own convert("RGB") clips every value over 255, which turns an
+    ordinary 16-bit PNG white."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(im, dtype=np.int64)
+        top = 65535 if a.max() > 255 or im.mode.startswith("I;16") else 255
+        im = Image.fromarray(np.rint(np.clip(a, 0, top) * (255 / top)).astype(np.uint8), "L")
+    elif im.mode == "F":
+        raise DataError("32-bit float images have no fixed range to map to 0..255; save them "
+                        "as 8- or 16-bit")
+    return im.convert("RGB")
+
+
 def _conversion(im: Image.Image) -> str:
     """What converting `im` to RGB does, in words (the transparent case loses information)."""
     has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     if has_alpha and im.convert("RGBA").getextrema()[3][0] < 255:
         return "images with transparent pixels: alpha dropped, the colour under it kept"
-    if im.mode in ("L", "1", "I", "I;16", "F", "LA"):
+    if im.mode.startswith("I"):
+        return ("16-bit grayscale images: scaled from 0..65535 to 0..255, the gray value "
+                "repeated in R, G and B")
+    if im.mode in ("L", "1", "F", "LA"):
         return "grayscale images: the gray value repeated in R, G and B"
     return f"{im.mode} images"
 
@@ -284,8 +301,9 @@ def _load_folder(root: Path, image_size: int, cache_dir: Path,
         raise DataError(f"{root} has no test/ split: pass --val-fraction F (e.g. 0.1) to hold "
                         "out that fraction of its images to validate and test on, or add "
                         f"{root}/test/<class>/* (then {root}/train/<class>/* for training)")
+    # "16-bit scaled": folders cached before 16-bit images were scaled (not clipped) decode again
     key = ["folder", str(root), _tree_fingerprint(train_dir),
-           _tree_fingerprint(test_dir) if test_dir else None, image_size]
+           _tree_fingerprint(test_dir) if test_dir else None, image_size, "16-bit scaled"]
     train, test = _cached(cache_dir, key, lambda: _decode_folder(train_dir, test_dir, image_size))
     return train, test, f"image folder {root}"
 
