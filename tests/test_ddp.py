@@ -94,7 +94,7 @@ def _worker(rank, port, out):
         return real_eval(vae, images, *a, **k)
 
     T.evaluate = recording_evaluate
-    D.teardown = lambda rt: None  # keep the process group for part B
+    D.teardown = lambda rt, sync=False: None  # keep the process group for part B
     steps = []
 
     class StepRecorder:

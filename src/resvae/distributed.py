@@ -109,8 +109,14 @@ def setup(device: str = "auto", timeout: float | None = None) -> Runtime:
     return Runtime(dev, rank, world, local_rank)
 
 
-def teardown(rt: Runtime) -> None:
+def teardown(rt: Runtime, sync: bool = False) -> None:
+    """Destroy the process group. `sync` (a run that ended normally): every rank first waits at
+    a barrier, so none closes its gloo connections while another is still in a collective (a
+    rank aborted with "terminate called without an active exception" in CI without it). An
+    error path skips it: a peer may never arrive."""
     if rt.ddp and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -171,7 +171,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, data: Splits | None = None, re
                     break
                 epoch = train_epoch(s, state)
                 stop_reason = end_epoch(s, state, epoch)
-            return finish(s, state, stop_reason)
+            summary = finish(s, state, stop_reason)
+        D.teardown(rt, sync=True)  # (the `finally` below then finds nothing left to destroy)
+        return summary
     except Exception as e:
         # (a failure to record it, say on a full disk, must not hide the error itself)
         with contextlib.suppress(OSError, ValueError):
