@@ -133,3 +133,49 @@ def test_export_never_replaces_without_overwrite(run, tmp_path, capsys):
     assert main(["export", str(run_dir), "-o", str(mine)]) == 2  # any non-empty folder
     assert main(["export", str(run_dir), "-o", str(out), "--which", "last", "--overwrite"]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
+
+
+def _tampered(run, tmp_path, name, config=None, image_shape=None, tensors=None):
+    """A copy of the run's export, its config.json or weights changed as someone else might."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "clean"
+    if not src.exists():
+        assert main(["export", str(run), "-o", str(src)]) == 0
+    out = tmp_path / name
+    shutil.copytree(src, out)
+    meta = json.loads((out / "config.json").read_text())
+    for key, value in (config or {}).items():
+        meta["config"]["model"][key] = value
+    if image_shape is not None:
+        meta["image_shape"] = image_shape
+    (out / "config.json").write_text(json.dumps(meta))
+    if tensors is not None:
+        save_file(tensors(load_file(str(out / "model.safetensors"))),
+                  str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"config": {"depth": 10**9}}, "depth 1000000000 is over"),
+    ({"config": {"width": 1e6}}, "width 1000000.0 is over"),
+    ({"config": {"latent_dim": 10**9}}, "latent_dim 1000000000 is over"),
+    ({"image_shape": [3, 100000, 100000]}, "image_shape"),
+    ({"tensors": lambda t: {**t, "extra.weight": torch.zeros(3)}}, "1 extra"),
+    ({"tensors": lambda t: {k: v for k, v in list(t.items())[1:]}}, "1 missing"),
+    ({"tensors": lambda t: {**t, next(iter(t)): torch.zeros(7)}}, "1 of another shape"),
+    ({"tensors": lambda t: {k: v.float() * float("nan") if v.is_floating_point() else v
+                            for k, v in t.items()}}, "non-finite weights"),
+])
+def test_untrusted_export_is_refused_before_anything_is_built(run, tmp_path, capsys, change,
+                                                              message):
+    import time
+
+    folder = _tampered(run[0], tmp_path, "bad", **change)
+    t0 = time.monotonic()
+    assert main(["sample", str(folder), "-n", "4", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and message in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "x.png").exists()

@@ -114,20 +114,74 @@ def save_weights(vae: BaseVAE, cfg: RunConfig, path: Path) -> None:
     atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
 
 
+# What a shared weights file may ask to build, checked before anything is allocated: a folder
+# from someone else must not hang the machine (depth 10**9 builds blocks forever) or exhaust
+# its memory (width 1e6, latent 1e9, 1e5 x 1e5 images). Far above any model resvae trains.
+BOUNDS = {"depth": 10_000, "width": 64.0, "latent_dim": 65_536, "stochastic_layers": 1_024,
+          "image_size": 4_096}
+
+
+def _check_bounds(cfg: RunConfig, image_shape, where: str) -> tuple[int, int, int]:
+    m = cfg.model
+    for key in ("depth", "width", "latent_dim", "stochastic_layers"):
+        if getattr(m, key) > BOUNDS[key]:
+            raise RunError(f"{where}: refused: {key} {getattr(m, key)} is over resvae's bound "
+                           f"{BOUNDS[key]} for a model it loads")
+    if (not isinstance(image_shape, (list, tuple)) or len(image_shape) != 3
+            or not all(isinstance(v, int) for v in image_shape) or image_shape[0] not in (1, 3)
+            or not all(8 <= v <= BOUNDS["image_size"] for v in image_shape[1:])):
+        raise RunError(f"{where}: refused: image_shape {image_shape!r} is not [1 or 3, H, W] "
+                       f"with 8 <= H, W <= {BOUNDS['image_size']}")
+    return tuple(image_shape)
+
+
+def _build_checked(cfg: RunConfig, image_shape, weights: Path, where: str,
+                   device) -> BaseVAE:
+    """The model `cfg` describes, with the weights in `weights`, after checking that its bounds
+    hold and that the file's tensors are exactly the model's (names and shapes, read from the
+    file's header and a model built on the meta device: nothing allocated yet), and that every
+    weight is finite."""
+    shape = _check_bounds(cfg, image_shape, where)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in build_from_config(cfg, shape).state_dict().items()}
+    except (SafetensorError, OSError) as e:
+        raise RunError(f"{weights}: not a readable safetensors file ({e})") from None
+    if have != want:
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        wrong = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+        raise RunError(f"{weights}: refused: its tensors do not match the model its config "
+                       f"describes ({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} "
+                       f"extra, e.g. {extra[:2]}; {len(wrong)} of another shape, e.g. "
+                       f"{[(k, have[k], want[k]) for k in wrong[:2]]})")
+    state = load_file(str(weights), device=str(device))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RunError(f"{weights}: refused: non-finite weights (NaN or inf) in {len(bad)} "
+                       f"tensor(s), e.g. {bad[0]}")
+    vae = build_from_config(cfg, shape).to(device)
+    vae.load_state_dict(state)
+    return vae.eval()
+
+
 def _load_safetensors(path: Path, device) -> tuple[BaseVAE, RunConfig]:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise RunError(f"{path}: not a readable safetensors file ({e})") from None
     if "config" not in meta or "image_shape" not in meta:
         raise RunError(f"{path}: no resvae config/image_shape in its metadata (not written by "
                          "resvae)")
-    cfg = from_dict(json.loads(meta["config"]), source=f"{path} metadata")
-    vae = build_from_config(cfg, tuple(json.loads(meta["image_shape"]))).to(device)
-    vae.load_state_dict(state)
-    return vae.eval(), cfg
+    try:
+        cfg = from_dict(json.loads(meta["config"]), source=f"{path} metadata")
+        image_shape = json.loads(meta["image_shape"])
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: its metadata is not valid JSON ({e})") from None
+    return _build_checked(cfg, image_shape, path, str(path), device), cfg
 
 
 # --- exported folders -----------------------------------------------------------------------
@@ -157,14 +211,8 @@ def _load_exported(path: Path, device) -> tuple[BaseVAE, RunConfig]:
         raise RunError(f"{path / EXPORTED_CONFIG}: not an exported resvae config (no "
                          "\"format\": \"resvae\" and \"config\")")
     cfg = from_dict(meta["config"], source=str(path / EXPORTED_CONFIG))
-    try:
-        state = load_file(str(path / EXPORTED_WEIGHTS), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise RunError(f"{path / EXPORTED_WEIGHTS}: not a readable safetensors file ({e})") \
-            from None
-    vae = build_from_config(cfg, tuple(meta["image_shape"])).to(device)
-    vae.load_state_dict(state)
-    return vae.eval(), cfg
+    return _build_checked(cfg, meta.get("image_shape"), path / EXPORTED_WEIGHTS,
+                          str(path / EXPORTED_CONFIG), device), cfg
 
 
 def load_pretrained(path: str | os.PathLike, device="cpu") -> BaseVAE:
