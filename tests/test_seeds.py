@@ -98,3 +98,19 @@ def test_grid_values_name_folders_inside_the_sweep_never_paths():
 
     name = run_name({"depth": 20, "data_dir": "/../../../../tmp/x/ESCAPED"})
     assert "/" not in name and name == "depth020-data_dir_.._.._.._.._tmp_x_ESCAPED"
+
+
+def test_depth_figures_draw_means_with_interval_bars_over_seeds():
+    from resvae.report import plot_degradation, plot_loss_vs_depth
+
+    def rows(seeds):
+        return [{**_row(d, sc, s, 100 + d + s + (5 if sc == "none" else 0)), "layers": d}
+                for d in (20, 52) for sc in ("identity", "none") for s in seeds]
+
+    for plot in (plot_degradation, plot_loss_vs_depth):
+        one, three = plot(rows([0])).axes[0], plot(rows([0, 1, 2])).axes[0]
+        assert not one.collections and "95% intervals" not in one.get_title()
+        assert three.collections and "95% intervals" in three.get_title()
+        # one point per depth: the mean over the seeds (100 + 20 + 1 for identity at 20)
+        line = next(ln for ln in three.lines if len(ln.get_xdata()) == 2)
+        assert list(line.get_xdata()) == [20, 52] and line.get_ydata()[0] == 121

@@ -415,14 +415,36 @@ def _depth_axis(rows: list[dict]) -> tuple[str, str]:
 
 
 def _by_shortcut(rows: list[dict]) -> tuple[str, str, dict[str, list[dict]]]:
-    """The depth axis (key, label) and the rows with a train loss grouped by shortcut, each group
-    sorted along that axis."""
+    """The depth axis (key, label) and, per shortcut, one point per depth sorted along it: the
+    mean over that point's seeds, with its 95% interval's half-width in `<metric>_err` (None for
+    one seed, drawn without a bar)."""
     usable = [r for r in rows if r["train_loss"] is not None and r["depth"] is not None]
     x, xlabel = _depth_axis(usable)
+    seeds: dict = {}
+    for r in usable:
+        seeds.setdefault((r["shortcut"], r[x]), []).append(r)
     groups = {}
-    for r in sorted(usable, key=lambda r: r[x]):
-        groups.setdefault(r["shortcut"], []).append(r)
+    for (shortcut, depth), same in sorted(seeds.items(), key=lambda kv: kv[0][1]):
+        point = {x: depth}
+        for m in ("train_loss", "val_loss"):
+            st = mean_ci([r[m] for r in same])
+            point[m] = st["mean"]
+            point[f"{m}_err"] = None if st["ci_high"] is None else st["ci_high"] - st["mean"]
+        groups.setdefault(shortcut, []).append(point)
     return x, xlabel, groups
+
+
+def _line(ax, group: list[dict], x: str, metric: str, fmt: str, **style) -> None:
+    """One curve; with error bars (95% intervals over seeds) where a point has several seeds."""
+    pts = [r for r in group if r[metric] is not None]
+    if not pts:
+        return
+    errs = [r[f"{metric}_err"] for r in pts]
+    if any(e is not None for e in errs):
+        ax.errorbar([r[x] for r in pts], [r[metric] for r in pts], fmt=fmt, capsize=3,
+                    yerr=[e or 0.0 for e in errs], **style)
+    else:
+        ax.plot([r[x] for r in pts], [r[metric] for r in pts], fmt, **style)
 
 
 def _finish_depth_axes(ax, groups: dict, x: str, xlabel: str, ylabel: str, title: str) -> None:
@@ -435,6 +457,11 @@ def _finish_depth_axes(ax, groups: dict, x: str, xlabel: str, ylabel: str, title
         ax.legend(fontsize="small")
 
 
+def _bars_note(groups: dict) -> str:
+    seeded = any(r["train_loss_err"] is not None for g in groups.values() for r in g)
+    return "\n(means over seeds, bars: 95% intervals)" if seeded else ""
+
+
 def plot_loss_vs_depth(rows: list[dict]):
     """Final train loss (solid) and best val loss (dashed) against depth, a colour per shortcut."""
     from matplotlib.figure import Figure
@@ -443,13 +470,10 @@ def plot_loss_vs_depth(rows: list[dict]):
     ax = fig.subplots()
     x, xlabel, groups = _by_shortcut(rows)
     for i, (shortcut, group) in enumerate(groups.items()):
-        xs = [r[x] for r in group]
-        ax.plot(xs, [r["train_loss"] for r in group], "o-", color=f"C{i}",
-                label=f"{shortcut}: train")
-        val = [(r[x], r["val_loss"]) for r in group if r["val_loss"] is not None]
-        if val:
-            ax.plot(*zip(*val), "s--", color=f"C{i}", label=f"{shortcut}: val")
-    _finish_depth_axes(ax, groups, x, xlabel, "loss (nats / image)", "loss against depth")
+        _line(ax, group, x, "train_loss", "o-", color=f"C{i}", label=f"{shortcut}: train")
+        _line(ax, group, x, "val_loss", "s--", color=f"C{i}", label=f"{shortcut}: val")
+    _finish_depth_axes(ax, groups, x, xlabel, "loss (nats / image)", "loss against depth"
+                       + _bars_note(groups))
     return fig
 
 
@@ -464,12 +488,12 @@ def plot_degradation(rows: list[dict]):
     colours = {"identity": "C0", "projection": "C2", "none": "C3"}
     for shortcut, group in groups.items():
         plain = shortcut == "none"
-        ax.plot([r[x] for r in group], [r["train_loss"] for r in group],
-                "s--" if plain else "o-", color=colours.get(shortcut, "C4"),
-                label="plain (no shortcut)" if plain else f"residual ({shortcut} shortcut)")
+        _line(ax, group, x, "train_loss", "s--" if plain else "o-",
+              color=colours.get(shortcut, "C4"),
+              label="plain (no shortcut)" if plain else f"residual ({shortcut} shortcut)")
     missing = [k for k, have in (("plain", "none" in groups),
                                  ("residual", any(s != "none" for s in groups))) if not have]
-    title = "degradation: final training loss against depth"
+    title = "degradation: final training loss against depth" + _bars_note(groups)
     _finish_depth_axes(ax, groups, x, xlabel, "train loss (nats / image)",
                        title + (f"\n(no {' or '.join(missing)} runs)" if missing else ""))
     return fig
