@@ -107,3 +107,20 @@ def test_readme_slurm_sweep_file_plans(tmp_path):
     spec = load_sweep_file(path)
     assert len(plan(spec, environ={})) == 24
     assert SlurmSettings.from_table(spec.launcher, str(path)).minutes() == 240
+
+
+def test_readme_ten_minute_runs_table_is_the_runs_own_files():
+    # the main command's spread over several hours: printed by benchmarks/readme_table.py from
+    # the runs' summary.json / metrics.jsonl / history.jsonl, kept in docs/cpu-10m/
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_table",
+                                                  ROOT / "benchmarks" / "readme_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    runs = sorted((ROOT / "docs" / "cpu-10m").iterdir())
+    assert len(runs) >= 3, "the spread needs at least three runs on different hours"
+    hours = {json.loads((r / "history.jsonl").read_text().splitlines()[0])["started"][:13]
+             for r in runs}
+    assert len(hours) == len(runs)  # each run in its own hour
+    assert table.spread_table(runs) in README
