@@ -599,3 +599,29 @@ def test_data_deleted_during_a_run_changes_nothing(tmp_path, monkeypatch):
     s = T.train(cfg, tmp_path / "run", progress=False, callbacks=[DeleteData()])
     assert not folder.exists() and s["stop_reason"] == "max_epochs" and s["steps"] == 12
     assert np.isfinite(s["test_loss"])
+
+
+def test_a_real_full_file_system_exits_74_with_the_line(tmp_path):
+    # not an injected OSError: a 3 MB tmpfs, where torch's zip writer fails its own end-of-file
+    # check ("unexpected pos") before any OSError reaches Python
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(full)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root and mount)")
+    try:
+        p = subprocess.run([sys.executable, "-m", "resvae", "train", "--preset", "tiny",
+                            "--width", "0.25", "--max-epochs", "2", "--out", str(full / "run")],
+                           env=child_env(tmp_path), capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+    assert p.returncode == 74, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert "the disk is full" in last and "Traceback" not in p.stderr
