@@ -274,7 +274,7 @@ def test_validate_accepts_cuda_index_and_catches_direct_edits():
 
 # The ranges the fields' setting(lo=, hi=) metadata declares (before: the key lists _POSITIVE
 # and _NONNEG in validate), each checked at its edges with the message it gives.
-POSITIVE = ["depth", "width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
+POSITIVE = ["width", "latent_dim", "n_mix", "batch_size", "eval_batch_size", "lr",
             "max_skips", "max_epochs"]
 NONNEG = ["gaussian_std", "image_size", "subset", "weight_decay", "warmup_steps",
           "kl_anneal_steps", "free_bits", "grad_clip", "skip_threshold", "patience", "min_delta",
@@ -286,7 +286,15 @@ LISTS = {"latent_l2": "two non-negative numbers", "betas": r"two numbers in \[0,
 def test_every_range_is_field_metadata():
     ranged = {f.name for cls in C.SECTIONS.values() for f in dataclasses.fields(cls)
               if "range" in f.metadata}
-    assert ranged == {*POSITIVE, *NONNEG, *IN_0_1, *LISTS, "stochastic_layers"}
+    assert ranged == {*POSITIVE, *NONNEG, *IN_0_1, *LISTS, "stochastic_layers", "depth"}
+
+
+def test_depth_is_bounded_so_nothing_builds_for_hours():
+    assert _resolve(overrides={"arch": "resnet", "depth": 1004}).model.depth == 1004
+    for bad in (0, 10_001, 10**9):
+        with pytest.raises(ConfigError, match=r"\.depth \(from --depth\): expected a positive "
+                                              r"number up to 10,000, got"):
+            _resolve(overrides={"depth": bad})
 
 
 @pytest.mark.parametrize("key", POSITIVE + NONNEG)

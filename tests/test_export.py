@@ -159,11 +159,11 @@ def _tampered(run, tmp_path, name, config=None, image_shape=None, tensors=None):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"config": {"depth": 10**9}}, "depth 1000000000 is over"),
-    ({"config": {"width": 1e6}}, "width 1000000.0 is over"),
-    ({"config": {"latent_dim": 10**9}}, "latent_dim 1000000000 is over"),
-    ({"image_shape": [3, 100000, 100000]}, "image_shape"),
-    ({"tensors": lambda t: {**t, "extra.weight": torch.zeros(3)}}, "1 extra"),
+    ({"config": {"depth": 10**9}}, "depth (from "),  # the config's own bound
+    ({"config": {"width": 1e6}}, "refused: width 1000000.0 is over"),
+    ({"config": {"latent_dim": 10**9}}, "refused: latent_dim 1000000000 is over"),
+    ({"image_shape": [3, 100000, 100000]}, "refused: image_shape"),
+    ({"tensors": lambda t: {**t, "extra.weight": torch.zeros(3)}}, "refused: its tensors"),
     ({"tensors": lambda t: {k: v for k, v in list(t.items())[1:]}}, "1 missing"),
     ({"tensors": lambda t: {**t, next(iter(t)): torch.zeros(7)}}, "1 of another shape"),
     ({"tensors": lambda t: {k: v.float() * float("nan") if v.is_floating_point() else v
@@ -177,5 +177,5 @@ def test_untrusted_export_is_refused_before_anything_is_built(run, tmp_path, cap
     t0 = time.monotonic()
     assert main(["sample", str(folder), "-n", "4", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert "refused" in err and message in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 10 and not (tmp_path / "x.png").exists()

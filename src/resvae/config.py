@@ -169,7 +169,8 @@ class ModelConfig:
         "convention). study: 28, 40, 70, 100. resnet: 4 + 2 x (layers per block) x B with B >= 4 "
         "blocks per side, i.e. basic 20, 24, 28, ..., 1004, bottleneck 28, 34, 40, ..., 1000; "
         "any other depth is an error naming the nearest valid ones", unit="layers", lo=0,
-        lo_open=True)
+        lo_open=True, hi=10_001, expected="a positive number up to 10,000")  # (10**6 would
+    # build blocks for hours, and no model that deep trains)
     width: float = setting(1.0, "channel multiplier on every stage's channel count",
                            unit="x base channels", lo=0, lo_open=True)
     latent_dim: int = setting(256, "dimensions of the Gaussian latent z", unit="dims", lo=0,
