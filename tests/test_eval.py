@@ -84,3 +84,16 @@ def test_folder_without_test_split_trains_with_val_fraction(tmp_path, monkeypatc
                  "--val-fraction", "0.25", "--subset", "0", "--batch-size", "4",
                  "--max-epochs", "1", "--sample-every", "0", "--device", "cpu",
                  "--out", "run"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "expected auto, cpu, cuda"),
+                                             ("cuda", "CUDA is not available")])
+def test_an_unusable_device_is_named_not_the_checkpoint(moved_run, capsys, device, message):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run, elsewhere = moved_run
+    assert main(["eval", str(run), "--device", device, "--data-dir", str(elsewhere)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "corrupt" not in err and (run / "checkpoints" / "best.pt").exists()

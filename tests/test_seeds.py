@@ -94,10 +94,14 @@ def test_print_commands_runs_the_same_sweep_elsewhere(tmp_path, capsys):
 
 
 def test_grid_values_name_folders_inside_the_sweep_never_paths():
+    from resvae.config import ConfigError
     from resvae.sweep import run_name
 
-    name = run_name({"depth": 20, "data_dir": "/../../../../tmp/x/ESCAPED"})
-    assert "/" not in name and name == "depth020-data_dir_.._.._.._.._tmp_x_ESCAPED"
+    for bad in ("/../../../../tmp/x/ESCAPED", "..", "a b", "x/y"):
+        with pytest.raises(ConfigError, match="cannot name a run folder"):
+            run_name({"depth": 20, "data_dir": bad})
+    assert run_name({"depth": 20, "lr": 0.001, "data_dir": "cifar_v2.1"}) == \
+        "depth020-lr0.001-data_dircifar_v2.1"
 
 
 def test_depth_figures_draw_means_with_interval_bars_over_seeds():

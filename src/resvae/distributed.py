@@ -51,7 +51,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
                            "(use --device cpu or auto)")
     if name == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine (use --device cpu "
+                          "or auto)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def device_name(device: torch.device) -> str:

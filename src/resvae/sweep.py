@@ -81,7 +81,11 @@ def run_name(point: Mapping) -> str:
         else:
             # a grid value is text from a shared file: it names a folder, never a path (a
             # data_dir of "/../../x" must not write outside the sweep directory)
-            parts.append(f"{key}{re.sub(r'[^A-Za-z0-9._+=]', '_', str(value))}")
+            if re.search(r"[^A-Za-z0-9._=-]", str(value)) or str(value) in (".", ".."):
+                raise ConfigError(f"sweep grid: {key} = {value!r} cannot name a run folder: "
+                                  "grid values may hold only A-Z a-z 0-9 . _ = - (put other "
+                                  "values in [set], or in a config file per grid point)")
+            parts.append(f"{key}{value}")
     return "-".join(parts)
 
 
