@@ -97,3 +97,20 @@ def test_an_unusable_device_is_named_not_the_checkpoint(moved_run, capsys, devic
     assert main(["eval", str(run), "--device", device, "--data-dir", str(elsewhere)]) == 2
     err = capsys.readouterr().err
     assert message in err and "corrupt" not in err and (run / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "--image-size", "0"], ["info", "--image-size", "-8"], ["info", "--channels", "0"],
+    ["sample", "RUN", "-n", "100000000", "-o", "x.png"],
+    ["sample", "RUN", "--temperature", "nan", "-o", "x.png"],
+    ["eval", "RUN", "--batch-size", "0"],
+])
+def test_bad_numbers_are_one_line_exit_2(argv, moved_run, capsys):
+    run, _ = moved_run
+    argv = [str(run) if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("resvae ")
+    assert not (run.parent / "x.png").exists()

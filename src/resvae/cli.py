@@ -401,6 +401,19 @@ def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _between(lo: float, hi: float, kind=int):
+    """An argparse type: a `kind` number in [lo, hi] (NaN is not one)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected a number in [{lo:g}, {hi:g}], got {text!r}")
+        return v
+    return parse
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -488,8 +501,10 @@ def _add_info_parser(sub, preset: str | None, presets: str) -> None:
                           description="Layers (by resvae's depth convention), encoder/decoder "
                           "parameters and forward FLOPs per image.", epilog=CONFIG_EPILOG)
     info.add_argument("--preset", metavar="NAME", help=f"take the model settings from a preset: {presets}")
-    info.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
-    info.add_argument("--image-size", type=int, default=32, help="input size (default 32)")
+    info.add_argument("--channels", type=int, default=3, choices=[1, 3],
+                      help="input channels (default 3)")
+    info.add_argument("--image-size", type=_between(8, 4096), default=32,
+                      help="input size (default 32)")
     info.add_argument("--json", action="store_true",
                       help="machine-readable output: a JSON list, one object per depth")
     groups = {}
@@ -660,7 +675,7 @@ def _add_eval_parser(sub) -> None:
                     help=f"evenly spaced images of the split (default {EVAL_N}; 0 = all of "
                          "them: with k=1000, hours on a CPU)")
     ev.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
-    ev.add_argument("--batch-size", dest="batch_size", type=int, default=8,
+    ev.add_argument("--batch-size", dest="batch_size", type=_between(1, 1 << 20), default=8,
                     help="images per IWAE batch (k samples each, decoded in chunks)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print eval.json's object")
@@ -671,9 +686,11 @@ def _add_sample_parser(sub) -> None:
     """`resvae sample RUN_DIR -o PNG`."""
     sa = sub.add_parser("sample", help="a grid of images from a saved run's prior")
     _run_arg(sa)
-    sa.add_argument("-n", type=int, default=100, help="images (default 100, 10 per row)")
+    sa.add_argument("-n", type=_between(1, 10_000), default=100,
+                    help="images (default 100, 10 per row; at most 10,000)")
     sa.add_argument("-o", required=True, metavar="PNG")
-    sa.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, t^2), default 1")
+    sa.add_argument("--temperature", type=_between(0.0, 100.0, float), default=1.0,
+                    help="z ~ N(0, t^2), default 1")
     sa.add_argument("--seed", type=int, default=1234)
     sa.set_defaults(func=cmd_sample)
 
