@@ -179,3 +179,17 @@ def test_untrusted_export_is_refused_before_anything_is_built(run, tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 10 and not (tmp_path / "x.png").exists()
+
+
+def test_exported_files_get_the_umask_mode(run, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "hub"
+        assert main(["export", str(run[0]), "-o", str(out)]) == 0
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    finally:
+        os.umask(umask)
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}  # safetensors gave 0600

@@ -127,7 +127,14 @@ def save_weights(vae: BaseVAE, cfg: RunConfig, path: Path) -> None:
     tensors = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
     meta = {"config": json.dumps(to_dict(cfg)), "image_shape": json.dumps(list(vae.image_shape)),
             "format": "resvae"}
-    atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=meta)
+        # safetensors creates its file 0600; weights are meant to be shared: the umask's mode,
+        # as any other file resvae writes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    atomic_write(path, write)
 
 
 # What a shared weights file may ask to build, checked before anything is allocated: a folder
