@@ -103,7 +103,7 @@ def test_an_unusable_device_is_named_not_the_checkpoint(moved_run, capsys, devic
     ["info", "--image-size", "0"], ["info", "--image-size", "-8"], ["info", "--channels", "0"],
     ["sample", "RUN", "-n", "100000000", "-o", "x.png"],
     ["sample", "RUN", "--temperature", "nan", "-o", "x.png"],
-    ["eval", "RUN", "--batch-size", "0"],
+    ["eval", "RUN", "--batch-size", "0"], ["info", "--depth", ""], ["info", "--depth", ","],
 ])
 def test_bad_numbers_are_one_line_exit_2(argv, moved_run, capsys):
     run, _ = moved_run

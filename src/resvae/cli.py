@@ -153,9 +153,12 @@ def _add_config_flags(p: argparse.ArgumentParser, keys, preset: str | None = Non
 
 def _depths(text: str) -> list[int]:
     try:
-        return [int(d) for d in text.split(",") if d.strip()]
+        depths = [int(d) for d in text.split(",") if d.strip()]
     except ValueError:
+        depths = []
+    if not depths:  # '' too: an empty flag is a mistake, not "the default"
         raise argparse.ArgumentTypeError(f"expected depths like 28 or 28,40,70,100, got {text!r}")
+    return depths
 
 
 def cmd_info(args) -> int:
