@@ -178,18 +178,12 @@ def write_results(sweep_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
     sweep = runs.SweepDir(sweep_dir)
     paths = {"csv": sweep.results_csv, "md": sweep.results_md}
 
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in rows)
-
     agg, pairs = aggregate(rows), paired(rows)
     md = (f"# Results: {sweep.root.name}\n\n{format_table(rows)}\n{COLUMN_NOTE}\n\n"
           + (f"## Over seeds\n\n{format_stats(agg, pairs)}\n"
              if any(r["train_loss_n"] > 1 for r in agg) else "")  # one seed: the table above
           + f"## The 2018 study\n\n{STUDY_NOTE}\n\n{format_study_table()}")
-    atomic_write(paths["csv"], write_csv)
+    _write_csv(paths["csv"], [{c: r[c] for c in COLUMNS} for r in rows], COLUMNS)
     _write_csv(sweep.aggregate_csv, agg)
     _write_csv(sweep.paired_csv, pairs)
     paths.update(aggregate=sweep.aggregate_csv, paired=sweep.paired_csv)
@@ -284,8 +278,9 @@ def paired(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(rows[0]) if rows else ["config"]
+def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """rows as CSV (None as an empty cell), written atomically; `fields`: the first row's keys."""
+    fields = fields or (list(rows[0]) if rows else ["config"])
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:

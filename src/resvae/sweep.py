@@ -274,8 +274,7 @@ def print_commands(spec: SweepSpec, sweep_dir: str | Path,
     sweep_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for name, cfg in runs:
-        run, planned = SweepDir(sweep_dir).run(name), SweepDir(sweep_dir).planned_config(name)
-        write_json(planned, to_dict(cfg))
+        run, planned = SweepDir(sweep_dir).run(name), _write_planned(sweep_dir, name, cfg)
         cmd = ["resvae", "train", "--config", str(planned), "--out", str(run.root)]
         if spec.iwae_k > 0:
             cmd = [*cmd, "&&", "resvae", "eval", str(run.root), "--k", str(spec.iwae_k),
@@ -290,9 +289,15 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def _subprocess_commands(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec) -> list:
-    run, planned = SweepDir(sweep_dir).run(name), SweepDir(sweep_dir).planned_config(name)
+def _write_planned(sweep_dir: Path, name: str, cfg: RunConfig) -> Path:
+    """The resolved config a run trains with outside this process (`resvae train --config`)."""
+    planned = SweepDir(sweep_dir).planned_config(name)
     write_json(planned, to_dict(cfg))
+    return planned
+
+
+def _subprocess_commands(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec) -> list:
+    run, planned = SweepDir(sweep_dir).run(name), _write_planned(sweep_dir, name, cfg)
     exe = [sys.executable, "-m", "resvae"]
     cmds = []
     if is_finished(run.root):
@@ -375,10 +380,9 @@ def submit_slurm(spec: SweepSpec, sweep_dir: str | Path, settings, *,
                 continue
             if run.config.exists():
                 _same_model(run, cfg)
-            write_json(SweepDir(sweep_dir).planned_config(name), to_dict(cfg))
+            planned = _write_planned(sweep_dir, name, cfg)
             eval_args = ["--k", str(spec.iwae_k), "--n", str(spec.iwae_n)] if spec.iwae_k else []
-            tasks.append((name, RunTask(str(run.root), str(SweepDir(sweep_dir).planned_config(
-                name)), eval_args)))
+            tasks.append((name, RunTask(str(run.root), str(planned), eval_args)))
         ids = submit(tasks, sweep_dir, settings) if tasks else {}
         for e in entries:
             if e["name"] in ids:
