@@ -193,3 +193,10 @@ def test_exported_files_get_the_umask_mode(run, tmp_path):
     finally:
         os.umask(umask)
     assert modes == {"config.json": 0o644, "model.safetensors": 0o644}  # safetensors gave 0600
+
+
+def test_export_under_a_file_is_one_line(run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["export", str(run[0]), "-o", str(tmp_path / "afile" / "x")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -118,3 +118,21 @@ def test_depth_figures_draw_means_with_interval_bars_over_seeds():
         # one point per depth: the mean over the seeds (100 + 20 + 1 for identity at 20)
         line = next(ln for ln in three.lines if len(ln.get_xdata()) == 2)
         assert list(line.get_xdata()) == [20, 52] and line.get_ydata()[0] == 121
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--launcher", "slurm", "--max-parallel", "-3"], "max_parallel"),
+    (["--launcher", "slurm", "--cpus-per-run", "0"], "cpus_per_run"),
+    (["--launcher", "slurm", "--time", "abc"], "launcher time (--time)"),
+    (["--print-commands", "--out", "FILE"], "is a file, not a folder"),
+    (["--print-commands", "--out", "FILE/under"], "is a file, not a folder"),
+])
+def test_bad_sweep_launch_settings_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "afile").write_text("x")
+    argv = [str(tmp_path / "afile") + a[4:] if a.startswith("FILE") else a for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "sw")]
+    assert main(["sweep", "--preset", "tiny", "--depths", "20", "--max-epochs", "1",
+                 *argv, *out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sw").exists()

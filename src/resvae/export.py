@@ -33,6 +33,11 @@ def export_run(run_dir, out, fmt: str = "hub", which: str = "best",
 
 def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
     """Nothing of the user's is replaced without --overwrite; a run directory never is."""
+    for p in out.parents:  # the nearest existing folder above OUT must be one
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"-o {out}: {p} is a file, not a folder")
+            break
     if (out / "checkpoints").exists():
         raise RunError(f"{out}: holds a run (checkpoints/); export into another folder")
     taken = (out.is_dir() and any(out.iterdir())) if fmt == "hub" else out.exists()

@@ -53,13 +53,23 @@ class SlurmSettings:
             raise ConfigError(f"{where}: unknown [launcher] key(s) {', '.join(unknown)}; "
                               f"expected {', '.join(sorted(known))}")
         s = cls(**{k: v for k, v in table.items() if k != "name"})
+        for key, lo in (("gpus_per_run", 0), ("cpus_per_run", 1), ("tasks_per_run", 1),
+                        ("max_parallel", 1)):
+            value = getattr(s, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ConfigError(f"{where}: launcher {key} (--{key.replace('_', '-')}): expected "
+                                  f"an integer >= {lo}, got {value!r}")
         s.minutes()  # a bad time is an error now, not at submission
         return s
 
     def minutes(self) -> int:
-        seconds = parse_duration(str(self.time))
+        try:
+            seconds = parse_duration(str(self.time))
+        except ConfigError:
+            seconds = None
         if not seconds:
-            raise ConfigError(f"launcher time {self.time!r}: expected a duration such as 4h")
+            raise ConfigError(f"launcher time (--time) {self.time!r}: expected a duration such "
+                              "as 90m or 4h")
         return max(1, round(seconds / 60))
 
 

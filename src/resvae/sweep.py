@@ -271,6 +271,7 @@ def print_commands(spec: SweepSpec, sweep_dir: str | Path,
     (SWEEP_DIR/.<name>.config.json), so a command is exact whatever shell or machine runs it."""
     sweep_dir = Path(sweep_dir)
     runs = plan(spec, environ)
+    _check_sweep_dir(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for name, cfg in runs:
@@ -287,6 +288,15 @@ def print_commands(spec: SweepSpec, sweep_dir: str | Path,
 def _visible_gpus() -> list[str]:
     import torch
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _check_sweep_dir(sweep_dir: Path) -> None:
+    """--out must be a folder, or a path one can be made at (not a file, nor under one)."""
+    for p in (sweep_dir, *sweep_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"--out {sweep_dir}: {p} is a file, not a folder")
+            return
 
 
 def _write_planned(sweep_dir: Path, name: str, cfg: RunConfig) -> Path:
@@ -365,6 +375,7 @@ def submit_slurm(spec: SweepSpec, sweep_dir: str | Path, settings, *,
 
     sweep_dir = Path(sweep_dir)
     runs = plan(spec, environ)
+    _check_sweep_dir(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(sweep_dir):
         old = {e["name"]: e for e in (read_sweep(sweep_dir).get("runs", [])
