@@ -123,6 +123,7 @@ def test_depth_figures_draw_means_with_interval_bars_over_seeds():
 @pytest.mark.parametrize("argv, message", [
     (["--launcher", "slurm", "--max-parallel", "-3"], "max_parallel"),
     (["--launcher", "slurm", "--cpus-per-run", "0"], "cpus_per_run"),
+    (["--launcher", "slurm", "--max-timeouts", "-1"], "max_timeouts"),
     (["--launcher", "slurm", "--time", "abc"], "launcher time (--time)"),
     (["--print-commands", "--out", "FILE"], "is a file, not a folder"),
     (["--print-commands", "--out", "FILE/under"], "is a file, not a folder"),

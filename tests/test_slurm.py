@@ -58,9 +58,14 @@ def test_sweep_on_slurm_runs_each_point_as_an_array_task(tmp_path, clean_env, ca
 
 @pytest.mark.slow  # about 80 s: two requeues and the reference run
 def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clean_env):
-    # scontrol requeue (what preemption does) twice while the run trains: Slurm sends SIGTERM,
-    # resvae train checkpoints, the task goes back to pending, and the next start resumes;
-    # the losses are those of a run never stopped (CPU, fp32)
+    # Interrupted twice while it trains, the two ways Slurm stops a task, then resumed; the
+    # losses are those of a run never stopped (CPU, fp32):
+    # 1. `scontrol requeue` (what preemption does): Slurm sends SIGTERM, resvae train
+    #    checkpoints, the task goes back to pending;
+    # 2. USR2, the signal Slurm sends before the time limit (submitit's --signal USR2@90), sent
+    #    here with `scancel --signal` instead of waiting minutes for a real limit: submitit's
+    #    handler calls RunTask.checkpoint, which stops the training child through its SIGTERM
+    #    path, then requeues the task itself.
     import time
 
     from resvae.config import resolve
@@ -85,7 +90,10 @@ def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clea
         while not (last.exists() and last.stat().st_mtime > started):
             assert time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.2)
-        subprocess.run(["scontrol", "requeue", job], check=True)
+        if i == 0:
+            subprocess.run(["scontrol", "requeue", job], check=True)
+        else:
+            subprocess.run(["scancel", "--signal", "USR2", job], check=True)
         # Slurm holds a requeued job back (pending, reason BeginTime) for two minutes: once it
         # is pending again, let it start now
         while queue_states([job]).get(job) != "PENDING":
@@ -95,6 +103,10 @@ def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clea
         time.sleep(1)
     history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
     assert len(history) == 3 and history[-1]["stop_reason"] == "max_epochs"  # 2 requeues
+    logs = "".join(p.read_text() for p in (out / "slurm").glob(f"{job}_*_log.*"))
+    assert "Calling checkpoint method" in logs  # the USR2 went through RunTask.checkpoint
+    # ... which stopped the child through SIGTERM (it ignores USR2): a checkpoint and a summary
+    assert [h.get("stop_reason") for h in history[:2]] == ["SIGTERM", "SIGTERM"]
     ref = train(resolve(preset="tiny", environ={}, overrides={**fixed, "depth": 20}),
                 tmp_path / "ref", progress=False)
     got = json.loads((run / "summary.json").read_text())
@@ -136,3 +148,41 @@ def test_a_sweep_task_of_two_processes_trains_one_ddp_run(tmp_path, clean_env):
     run = tmp_path / "sw" / "depth020"
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
     assert (run / "eval.json").is_file()
+
+
+@pytest.mark.slow  # about 40 s: a cancelled task, its status, and its resubmission
+def test_a_killed_task_shows_as_failed_with_its_log_and_resumes_when_resubmitted(
+        tmp_path, clean_env, capsys):
+    # scancel stands for what kills a task without a requeue (OOM, a node failure, a user):
+    # --status names it failed, with its log's last line and path; the same sweep again
+    # resubmits only it, and it resumes from its checkpoint rather than starting over
+    import time
+
+    from resvae.slurm import SlurmSettings, queue_states
+    from resvae.sweep import SweepSpec, submit_slurm
+
+    fixed = {"subset": 256, "max_epochs": 6, "sample_every": 0, "device": "cpu",
+             "batch_size": 16, "checkpoint_every": "4steps"}
+    spec = SweepSpec(grid={"depth": [20]}, preset="tiny", fixed=fixed, iwae_k=0)
+    out = tmp_path / "sw"
+    [entry] = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={},
+                           log=lambda *a: None)
+    job, run = entry["job_id"], out / "depth020"
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], check=True)
+    while queue_states([job]):
+        time.sleep(0.5)
+    capsys.readouterr()
+    assert main(["sweep", "--status", str(out)]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.split()[:3] == ["depth020", job, "failed"]
+    assert f"slurm/{job}_0_log." in line  # the log it quotes the last line of
+    [again] = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={}, wait=True,
+                           poll_seconds=1, log=lambda *a: None)
+    assert again["job_id"] != job and again["status"] == "done"
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["resumed_from"]  # resumed, not started over
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "max_epochs"

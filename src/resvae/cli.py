@@ -282,7 +282,7 @@ def cmd_sweep(args) -> int:
 
 
 SLURM_FLAGS = ("partition", "time", "gpus_per_run", "cpus_per_run", "tasks_per_run", "mem",
-               "account", "qos", "constraint", "max_parallel")
+               "account", "qos", "constraint", "max_parallel", "max_timeouts")
 
 
 def _sweep_status(sweep_dir: Path) -> int:
@@ -585,7 +585,9 @@ def _add_sweep_parser(sub, preset: str | None, presets: str) -> None:
              "one node (default 1)"), ("mem", str, "memory per run, "
              "e.g. 16G"), ("account", str, "Slurm account"), ("qos", str, "Slurm QOS"),
             ("constraint", str, "Slurm constraint"),
-            ("max-parallel", int, "at most this many runs at once (the array's %% limit)")):
+            ("max-parallel", int, "at most this many runs at once (the array's %% limit)"),
+            ("max-timeouts", int, "how often a run may reach --time and be requeued "
+             "(default 100; preemptions do not count)")):
         sw.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind,
                         help=f"--launcher slurm: {text}")
     sw.add_argument("--print-commands", dest="print_commands", action="store_true",

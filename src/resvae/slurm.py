@@ -19,6 +19,8 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -43,6 +45,9 @@ class SlurmSettings:
     qos: str | None = None
     constraint: str | None = None
     max_parallel: int = 256  # the job array's % limit
+    # how often one run may reach its time limit and be requeued: submitit's own default (3)
+    # would end a 100-hour run at 4 h per task after 16 hours
+    max_timeouts: int = 100
     slurm_additional_parameters: dict = field(default_factory=dict)
 
     @classmethod
@@ -54,7 +59,7 @@ class SlurmSettings:
                               f"expected {', '.join(sorted(known))}")
         s = cls(**{k: v for k, v in table.items() if k != "name"})
         for key, lo in (("gpus_per_run", 0), ("cpus_per_run", 1), ("tasks_per_run", 1),
-                        ("max_parallel", 1)):
+                        ("max_parallel", 1), ("max_timeouts", 0)):
             value = getattr(s, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{where}: launcher {key} (--{key.replace('_', '-')}): expected "
@@ -82,14 +87,21 @@ def _submitit():
     return submitit
 
 
+def _ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class RunTask:
     """One grid point's task: train (resume / start / skip) then evaluate, as child processes.
     `checkpoint` is submitit's hook at the time limit or preemption: stop the child through its
     SIGTERM path (it writes last.pt) and requeue this same task."""
 
+    STOP_WAIT_S = 60  # for the child's checkpoint, inside Slurm's 90 s warning
+
     def __init__(self, run_dir: str, planned_config: str, eval_args: list[str]):
         self.run_dir, self.planned, self.eval_args = run_dir, planned_config, eval_args
         self.child: subprocess.Popen | None = None
+        self.returncode: int | None = None
 
     def commands(self) -> list[list[str]]:
         exe = [sys.executable, "-m", "resvae"]
@@ -104,26 +116,47 @@ class RunTask:
             cmds.append(exe + ["eval", self.run_dir, *self.eval_args])
         return cmds
 
+    def _run(self, cmd: list[str]) -> int:
+        """Run one child to its end. Slurm's USR2 before the time limit reaches every process of
+        the step: the child ignores it (its default action would kill it before its checkpoint)
+        and submitit's handler in this process calls `checkpoint`. A thread waits on the child,
+        so that handler, which runs in this thread, never meets a lock held here (Popen.wait's
+        would hold it up for its whole timeout)."""
+        self.returncode = None
+        self.child = subprocess.Popen(cmd, preexec_fn=_ignore_usr2)
+
+        def wait() -> None:
+            self.returncode = self.child.wait()
+
+        threading.Thread(target=wait, daemon=True).start()
+        while self.returncode is None:
+            time.sleep(0.2)
+        self.child = None
+        return self.returncode
+
     def __call__(self) -> str:
         cmds = self.commands()
         if os.environ.get("SLURM_PROCID", "0") != "0":  # a run of several tasks: train together,
             cmds = [c for c in cmds if c[3] == "train"]  # rank 0 alone evaluates
         for cmd in cmds:
             print("resvae slurm task:", shlex.join(cmd), flush=True)
-            self.child = subprocess.Popen(cmd)
-            rc = self.child.wait()
-            self.child = None
+            rc = self._run(cmd)
+            if rc in (130, 143):  # Slurm's SIGTERM (requeue, cancel): the run checkpointed
+                raise RuntimeError(f"{shlex.join(cmd)} stopped by a signal (exit {rc}) after "
+                                   "writing its checkpoint; the task's next start resumes it")
             if rc != 0:
                 raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
         return self.run_dir
 
     def checkpoint(self, *args, **kwargs):
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)  # resvae train checkpoints and exits 143
-            try:
-                self.child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
+        child = self.child
+        if child is not None and self.returncode is None:
+            os.kill(child.pid, signal.SIGTERM)  # resvae train checkpoints and exits 143
+            deadline = time.monotonic() + self.STOP_WAIT_S
+            while self.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.returncode is None:
+                child.kill()
         return _submitit().helpers.DelayedSubmission(RunTask(self.run_dir, self.planned,
                                                              self.eval_args))
 
@@ -131,7 +164,8 @@ class RunTask:
 def submit(tasks: list[tuple[str, RunTask]], sweep_dir: Path, settings: SlurmSettings) -> dict:
     """Submit the tasks as one job array; returns {run name: job id}."""
     submitit = _submitit()
-    executor = submitit.AutoExecutor(folder=sweep_dir / "slurm", cluster="slurm")
+    executor = submitit.AutoExecutor(folder=sweep_dir / "slurm", cluster="slurm",
+                                     slurm_max_num_timeout=settings.max_timeouts)
     params = {"timeout_min": settings.minutes(), "cpus_per_task": settings.cpus_per_run,
               "tasks_per_node": settings.tasks_per_run,
               "slurm_array_parallelism": settings.max_parallel, "name": "resvae-sweep"}
