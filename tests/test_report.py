@@ -270,6 +270,25 @@ def test_without_sweep_json_every_run_dir_is_a_run(sweep, tmp_path):
     assert "html" not in paths and all(paths[n].exists() for n in R.FIGURES)
 
 
+def test_a_partly_finished_sweep_reports_every_run_with_its_state(sweep, tmp_path):
+    # a sweep at work: one run done, one training now (its lock held), one not started
+    from resvae.runs import RunLock
+
+    (tmp_path / "d20-none").symlink_to(sweep / "d20-none")
+    entries = [{"name": n, "depth": d, "shortcut": "none", "status": st, "dir": n}
+               for n, d, st in (("d20-none", 20, "done"), ("d52-none", 52, "pending"),
+                                ("d100-none", 100, "pending"))]
+    (tmp_path / "sweep.json").write_text(json.dumps({"runs": entries}))
+    with RunLock(tmp_path / "d52-none"):
+        rows = R.collect(*R.find_runs(tmp_path))
+        paths = R.report(tmp_path)
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("d20-none", "done"), ("d52-none", "running"), ("d100-none", "pending")]
+    assert [(r[0], r[-2]) for r in markdown_rows(paths["md"].read_text())] == [
+        ("d20-none", "done"), ("d52-none", "running"), ("d100-none", "pending")]
+    assert rows[0]["test_bpd"] is not None and rows[1]["test_bpd"] is None
+
+
 def test_compare_prints_the_table_for_any_run_dirs(sweep):
     text = R.compare([sweep / "d24-identity", sweep / "d20-none"])
     assert [r[0] for r in markdown_rows(text)] == ["d24-identity", "d20-none"]

@@ -95,6 +95,8 @@ def _run_row(run_dir: Path, entry: dict | None) -> dict:
     # (`--iwae-n`), and its ELBO on those same images stays in eval.json
     test_bpd = summary.get("test_bpd")
     status = entry.get("status") or ("done" if summary else "incomplete")
+    if status == "pending" and runs.is_training(run_dir):  # a sweep still at work on it
+        status = "running"
     return {"name": entry.get("name", run_dir.name),
             "depth": model.get("depth", entry.get("depth")),
             "shortcut": model.get("shortcut", entry.get("shortcut")),

@@ -361,6 +361,25 @@ def clear_run(run_dir) -> None:
             entry.unlink()
 
 
+def is_training(run_dir) -> bool:
+    """Whether a process holds the run directory's lock now (a run in progress); False where
+    there is no lock file or no fcntl."""
+    path = Path(run_dir) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while the writer holds LOCK_EX
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops our shared lock, if we got it
+
+
 class RunLock:
     """RUN_DIR/.lock, held with fcntl.flock by the one process writing into a run directory, from
     before its first write until it exits. The kernel releases a flock when its process dies,
@@ -440,7 +459,8 @@ class RunLock:
 __all__ = ["RunDir", "SweepDir", "read_metrics", "read_summary", "read_config", "read_json",
            "write_json", "append_metrics", "keep_metrics", "is_finished", "config_differences",
            "resume_config", "check_fresh", "resume_checkpoint", "read_history", "start_history",
-           "end_history", "remove_stale_temps", "holds_run", "clear_run", "RunLock", "RunLocked",
+           "end_history", "remove_stale_temps", "holds_run", "clear_run", "is_training", "RunLock",
+           "RunLocked",
            "DiskFullError"]
 
 
