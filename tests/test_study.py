@@ -118,6 +118,54 @@ def test_sweep_resumes_an_interrupted_run(tmp_path, counted_train):
     assert read_summary(out / "depth020")["epochs"] == 2
 
 
+class _SignalAtEnd:
+    """A run's callback that signals this process once its training has ended: inside the
+    run's own handlers, too late to stop it (as a signal during its last update would be)."""
+
+    def on_end(self, summary):
+        import os
+        import signal
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+SWEEP_2 = ["sweep", "--preset", "tiny", "--depths", "20,24", "--subset", "64", "--max-epochs",
+           "1", "--sample-every", "0"]
+
+
+def test_a_signal_a_finished_run_took_still_stops_the_sweep(tmp_path, monkeypatch, capsys):
+    real = T.train
+    monkeypatch.setattr(T, "train", lambda cfg, out, **kw: real(
+        cfg, out, **{**kw, "callbacks": [_SignalAtEnd()]}))
+    out = tmp_path / "sw"
+    assert main([*SWEEP_2, "--iwae-k", "0", "--out", str(out)]) == 143
+    status = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [e["status"] for e in status] == ["done", "pending"]  # the first one had finished
+    assert read_summary(out / "depth020")["stop_reason"] == "max_epochs"
+    assert not (out / "depth024").exists()
+    assert "stopped by SIGTERM" in capsys.readouterr().out
+
+
+def test_a_signal_between_runs_stops_the_sweep_at_once(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import resvae.evaluate as E
+
+    def eval_then_signalled(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the sweep's handler interrupts this
+        raise AssertionError("not stopped")
+    monkeypatch.setattr(E, "eval_run", eval_then_signalled)
+    out = tmp_path / "sw"
+    t0 = time.monotonic()
+    assert main([*SWEEP_2, "--iwae-k", "2", "--out", str(out)]) == 130
+    assert time.monotonic() - t0 < 60
+    status = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [e["status"] for e in status] == ["interrupted", "pending"]
+    assert not (out / "depth024").exists()
+
+
 def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
     # depth 21 passes the config (a positive int) but no resnet has 21 layers: it fails when
     # the model is built, after depth 20 trained and before depth 24 does

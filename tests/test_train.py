@@ -351,6 +351,19 @@ def test_non_finite_stops_run_and_cli_exit_code_3(tmp_path, monkeypatch, capsys)
     assert read_json(tmp_path / "cli" / "summary.json")["stop_reason"] == "non_finite"
 
 
+def test_a_run_that_ended_without_a_finite_validation_loss_exits_3(tmp_path, capsys):
+    # diverged (lr 10), but in fewer non-finite updates in a row than --max-skips: it runs to
+    # max_epochs, yet has no model worth testing: a failure, not a success
+    rc = main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--subset", "64",
+               "--device", "cpu", "--lr", "10", "--max-skips", "100000", "--max-epochs", "2",
+               "--sample-every", "0"])
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert (summary["stop_reason"], summary["best_val_loss"]) == ("max_epochs", None)
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "no epoch had a finite validation loss" in err and "metrics.jsonl" in err
+
+
 # ----------------------------------------------------------------------------- resume
 
 IGNORE = {"epoch_seconds", "images_per_s", "train_seconds"}

@@ -185,7 +185,7 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     from . import distributed as D
-    from .runs import RunLock, check_fresh, resume_config
+    from .runs import RunDir, RunLock, check_fresh, resume_config
     from .stops import exit_status
     from .train import train
 
@@ -221,7 +221,13 @@ def cmd_train(args) -> int:
                         argv=args.argv, replace=args.overwrite)
     if (status := exit_status(summary.get("stop_reason"))) is not None:
         return status  # 143 after SIGTERM, 130 after SIGINT: what schedulers and shells expect
-    return 3 if summary.get("stop_reason") == "non_finite" else 0
+    if summary.get("stop_reason") == "non_finite":
+        return 3
+    if summary.get("best_val_loss") is None:  # it ended, but never had a usable model
+        print(f"resvae train: error: no epoch had a finite validation loss (see "
+              f"{RunDir(out).metrics}): the run failed; try a lower --lr", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _flag_overrides(args, keys) -> dict:
@@ -277,7 +283,11 @@ def cmd_sweep(args) -> int:
         return 0 if not args.wait or all(e["status"] == "done" for e in entries) else 1
     if launcher != "local":
         raise ConfigError(f"sweep launcher {launcher!r}: expected local or slurm")
-    entries = sweep(spec, out, environ=os.environ)
+    try:
+        entries = sweep(spec, out, environ=os.environ)
+    except KeyboardInterrupt as e:  # a signal: 143 after SIGTERM, 130 after SIGINT
+        from .stops import exit_status
+        return exit_status(e.args[0] if e.args else None) or 130
     return 0 if all(e["status"] == "done" for e in entries) else 1
 
 

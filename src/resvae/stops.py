@@ -56,7 +56,22 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        # A signal taken here may have come too late to stop anything (during a run's last
+        # update or its final test): an enclosing StopSignals (a sweep's) still has to know.
+        outer = getattr(self._previous.get(self.received), "__self__", None)
+        if self.received and isinstance(outer, StopSignals) and not outer.received:
+            outer.received = self.received
         self._previous.clear()
 
 
-__all__ = ["StopSignals", "SIGNAL_STOPS", "exit_status"]
+class SweepSignals(StopSignals):
+    """A sweep's: SIGTERM / SIGINT between runs stop it at once (KeyboardInterrupt); one taken
+    by a run's own StopSignals is passed up when that run ends, and the sweep stops after it.
+    `received` says which, for the exit status."""
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+__all__ = ["StopSignals", "SweepSignals", "SIGNAL_STOPS", "exit_status"]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ from .runs import (
     read_json,
     write_json,
 )
+from .stops import SweepSignals
 
 SWEEP_FILE_KEYS = {"preset", "config", "out", "grid", "set", "budget_per_run", "iwae_k", "iwae_n",
                    "launcher"}
@@ -221,11 +223,23 @@ def sweep(spec: SweepSpec, sweep_dir: str | Path, *, environ: Mapping[str, str] 
     if gpus is None:
         gpus = _visible_gpus()
     # two sweeps into one directory would train the same runs twice and both write sweep.json
-    with RunLock(sweep_dir):
-        return _sweep(spec, sweep_dir, runs, gpus, progress, log)
+    with RunLock(sweep_dir), SweepSignals(announce=False) as signals:
+        try:
+            return _sweep(spec, sweep_dir, runs, gpus, progress, log, signals)
+        except KeyboardInterrupt:
+            name = signal.Signals(signals.received or signal.SIGINT).name
+            log(f"resvae sweep: stopped by {name}; run the same command again to continue "
+                "(finished runs are kept, an interrupted one resumes)")
+            raise KeyboardInterrupt(name) from None
 
 
-def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, log) -> list[dict]:
+def _stop_if_signalled(signals: SweepSignals) -> None:
+    if signals.received:  # taken by the run that just ended, too late to stop it
+        raise KeyboardInterrupt(signal.Signals(signals.received).name)
+
+
+def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, log,
+           signals: SweepSignals) -> list[dict]:
     points = spec.points()
     entries = [_entry(name, cfg, point) for (name, cfg), point in zip(runs, points)]
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +247,7 @@ def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, lo
     log(f"resvae sweep: {len(runs)} runs into {sweep_dir}"
         + (f", {len(gpus)} GPUs in parallel" if len(gpus) > 1 else ""))
     if len(gpus) > 1:
-        _parallel(runs, entries, sweep_dir, spec, gpus, log)
+        _parallel(runs, entries, sweep_dir, spec, gpus, log, signals)
     else:
         cache: dict = {}
         for i, ((name, cfg), entry) in enumerate(zip(runs, entries), 1):
@@ -254,6 +268,7 @@ def _sweep(spec: SweepSpec, sweep_dir: Path, runs, gpus: list[str], progress, lo
                 run.error.write_text(traceback.format_exc())
             entry["sweep_seconds"] = time.monotonic() - t0
             _write_status(sweep_dir, spec, entries)
+            _stop_if_signalled(signals)
     from .report import report
     report(sweep_dir)
     failed = [e["name"] for e in entries if e["status"] != "done"]
@@ -325,11 +340,28 @@ def _subprocess_commands(name: str, cfg: RunConfig, sweep_dir: Path, spec: Sweep
     return cmds
 
 
-def _parallel(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], log) -> None:
+def _parallel(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], log,
+              signals: SweepSignals) -> None:
     """One run per GPU at a time; each run is `resvae train` then `resvae eval` in a child that
-    sees only its GPU. Its output goes to RUN_DIR/../<name>.log."""
+    sees only its GPU. Its output goes to RUN_DIR/../<name>.log. A signal to the sweep is passed
+    on to the children (SIGTERM: each checkpoints), and the sweep waits for them to end."""
+    active: dict[str, list] = {}  # gpu -> [entry, remaining commands, process, log file]
+    try:
+        _parallel_loop(runs, entries, sweep_dir, spec, gpus, log, active)
+    except KeyboardInterrupt:
+        for entry, _, proc, logf in active.values():
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+            entry.update(status="interrupted")
+            logf.close()
+        _write_status(sweep_dir, spec, entries)
+        raise
+
+
+def _parallel_loop(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], log,
+                   active: dict) -> None:
     queue = list(zip(runs, entries))
-    active: dict[str, tuple] = {}  # gpu -> (entry, remaining commands, process, log file)
     while queue or active:
         for gpu in [g for g in gpus if g not in active]:
             if not queue:
