@@ -222,6 +222,17 @@ def test_bad_sweep_files_name_the_file(env, capsys):
         "preset = 'tiny'\n[grid]\ndepth = [20]\n[set]\nlrr = 1\n": ["s.toml [set]", "'lrr'",
                                                                    "did you mean lr"],
         "preset = 'tiny'\n[grid]\ndepht = [20]\n": ["s.toml [grid]", "'depht'", "depth"],
+        # each value checked before the first run: these used to fail only after one trained
+        "preset = 'tiny'\niwae_k = 'abc'\n[grid]\ndepth = [20]\n[set]\nmax_epochs = 1\n": [
+            "s.toml", "iwae_k = 'abc'", "integer >= 0"],
+        "preset = 'tiny'\n[grid]\ndepth = [20, 27]\n[set]\nmax_epochs = 1\n": [
+            "grid point depth=27", "nearest valid: 24 or 28"],
+        # (a traceback before)
+        "preset = 'tiny'\nout = 5\n[grid]\ndepth = [20]\n": ["s.toml", "out = 5",
+                                                                  "non-empty string"],
+        "preset = 'tiny'\nset = 3\n[grid]\ndepth = [20]\n": ["s.toml", "set must be a table"],
+        "preset = 'tiny'\nbudget_per_run = 'soon'\n[grid]\ndepth = [20]\n": [
+            "s.toml", "budget_per_run"],
     }
     for text, expected in cases.items():
         path = _toml(env / "s.toml", text)

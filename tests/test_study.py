@@ -167,20 +167,30 @@ def test_a_signal_between_runs_stops_the_sweep_at_once(tmp_path, monkeypatch):
 
 
 def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
-    # depth 21 passes the config (a positive int) but no resnet has 21 layers: it fails when
-    # the model is built, after depth 20 trained and before depth 24 does
-    spec = SweepSpec(grid={"depth": [20, 21, 24]}, preset="tiny", fixed=dict(TINY), iwae_k=0)
+    # a subset larger than the data is only known once the data is read: that run fails when
+    # it starts, after the first trained and before the last does
+    spec = SweepSpec(grid={"subset": [64, 99999, 32]}, preset="tiny",
+                     fixed={"max_epochs": 2, "sample_every": 0}, iwae_k=0)
     out = tmp_path / "sweep"
     entries = sweep(spec, out, environ={}, gpus=[], log=lambda *a: None)
     assert [e["status"] for e in entries] == ["done", "failed", "done"]
-    assert "21" in entries[1]["error"] and "nearest" in entries[1]["error"]
+    assert "99999" in entries[1]["error"] and "larger than" in entries[1]["error"]
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["status"] for r in rows] == ["done", "failed", "done"]
-    assert "21" in rows[1]["error"]
+    assert "99999" in rows[1]["error"]
     assert "failed" in (out / "results.md").read_text()
     # the CLI says so with its exit status
-    assert main(["sweep", "--preset", "tiny", "--depths", "20,21", "--subset", "64",
-                 "--max-epochs", "1", "--iwae-k", "0", "--out", str(out)]) == 1
+    assert main(["sweep", "--preset", "tiny", "--depths", "20", "--subset", "99999",
+                 "--max-epochs", "1", "--iwae-k", "0", "--out", str(out / "b")]) == 1
+
+
+def test_a_grid_point_whose_model_cannot_exist_fails_before_any_run(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--preset", "tiny", "--depths", "20,27", "--max-epochs", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "depth=27" in err[0] and "24 or 28" in err[0]
+    assert not out.exists()
 
 
 def test_sweep_refuses_unequal_comparisons(tmp_path):

@@ -34,6 +34,7 @@ from .config import (
     apply_dict,
     fields_flat,
     load_toml,
+    parse_duration,
     resolve,
     to_dict,
 )
@@ -99,6 +100,7 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; expected "
                           f"{', '.join(sorted(SWEEP_FILE_KEYS))} (config keys go in [set])")
+    _check_file_values(d, path)
     grid = d.get("grid") or {}
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: [grid] must map config keys to non-empty lists, got {grid!r}")
@@ -110,6 +112,25 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
                      fixed=fixed, budget_per_run=d.get("budget_per_run", ""),
                      iwae_k=d.get("iwae_k", 100), iwae_n=d.get("iwae_n", 1000),
                      out=d.get("out", ""), launcher=dict(d.get("launcher") or {}))
+
+
+def _check_file_values(d: dict, path) -> None:
+    """The sweep file's own keys, each of its expected type, before anything runs."""
+    for key in ("preset", "config", "out", "budget_per_run"):
+        if key in d and not (isinstance(d[key], str) and d[key].strip()):
+            raise ConfigError(f"{path}: {key} = {d[key]!r}: expected a non-empty string")
+    for key in ("iwae_k", "iwae_n"):
+        v = d.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{path}: {key} = {v!r}: expected an integer >= 0")
+    for key in ("grid", "set", "launcher"):
+        if key in d and not isinstance(d[key], dict):
+            raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {d[key]!r}")
+    if d.get("budget_per_run"):
+        try:
+            parse_duration(d["budget_per_run"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: budget_per_run: {e}") from None
 
 
 def plan(spec: SweepSpec, environ: Mapping[str, str] | None = None) -> list[tuple[str, RunConfig]]:
@@ -127,9 +148,35 @@ def plan(spec: SweepSpec, environ: Mapping[str, str] | None = None) -> list[tupl
         overrides.update(point)
         cfg = resolve(preset=spec.preset, config_file=spec.config, environ=environ,
                       overrides=overrides)
+        _check_buildable(cfg, point)
         runs.append((run_name(point), cfg))
     _check_fair(runs)
     return runs
+
+
+def _check_buildable(cfg: RunConfig, point: dict) -> None:
+    """Build the run's model on the meta device (nothing allocated), so a grid point whose model
+    cannot exist (depth 27: no resnet has it) fails before the first run trains. Images are
+    square: --image-size, else the built-in datasets' native 32 (28 for unpadded MNIST); a
+    folder's size is unknown until it is read, and its runs are checked when they start."""
+    import torch
+
+    from .vae import build_vae
+
+    d, mnist = cfg.data, cfg.data.dataset in ("mnist", "fashion-mnist")
+    if d.image_size:
+        size = d.image_size
+    elif d.dataset == "folder":
+        return
+    else:
+        size = 28 if mnist and not d.pad_to_32 else 32
+    channels = 1 if mnist else 3
+    try:
+        with torch.device("meta"):
+            build_vae(cfg.model, channels=channels, image_size=size)
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        where = ", ".join(f"{k}={v}" for k, v in point.items())
+        raise ConfigError(f"sweep grid point {where}: {e}") from None
 
 
 def _check_fair(runs: list[tuple[str, RunConfig]]) -> None:
