@@ -200,3 +200,59 @@ def test_export_under_a_file_is_one_line(run, tmp_path, capsys):
     assert main(["export", str(run[0]), "-o", str(tmp_path / "afile" / "x")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one can write in: a read-only tmpfs where mounting is allowed (root here and
+    in CI); else a 0555 folder, which holds only for a user that is not root."""
+    import os
+    import subprocess
+
+    d = tmp_path / "ro"
+    d.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        d.chmod(0o555)
+        if os.access(d, os.W_OK):
+            pytest.skip("cannot make a read-only folder here (not allowed to mount, and root "
+                        "ignores permissions)")
+    yield d
+    if mounted:
+        subprocess.run(["umount", str(d)], check=True)
+    else:
+        d.chmod(0o755)
+
+
+def _output_commands(run_dir, sweep_dir):
+    return {"sample": ["sample", str(run_dir), "-n", "4"],
+            "reconstruct": ["reconstruct", str(run_dir), "-n", "10"],
+            "interpolate": ["interpolate", str(run_dir), "--pairs", "1", "--steps", "3"],
+            "report": ["report", str(sweep_dir)],
+            "export": ["export", str(run_dir)]}
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file", "read-only"])
+@pytest.mark.parametrize("command", ["sample", "reconstruct", "interpolate", "report", "export"])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(
+        run, tmp_path, capsys, request, command, where):
+    # (each a traceback before, after the model had been loaded and the images made)
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "r").symlink_to(run[0])
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "adir").mkdir()
+    out = {"a folder": tmp_path / "adir",
+           "under a file": tmp_path / "afile" / "x.png",
+           "read-only": (request.getfixturevalue("read_only_dir") / "x.png")}[where]
+    if command == "export" and where == "a folder":
+        pytest.skip("a folder is what export -o names (an empty one is taken)")
+    before = sorted(p.name for p in sweep_dir.iterdir())
+    assert main([*_output_commands(run[0], sweep_dir)[command], "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"-o {out}" in err[0], err
+    assert {"a folder": "a folder", "under a file": "is a file, not a folder",
+            "read-only": "cannot write in"}[where] in err[0]
+    assert (tmp_path / "afile").read_text() == "mine" and not any((tmp_path / "adir").iterdir())
+    assert sorted(p.name for p in sweep_dir.iterdir()) == before  # no results.csv either

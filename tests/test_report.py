@@ -20,6 +20,7 @@ from PIL import Image
 
 import resvae.data as data_module
 from resvae import report as R
+from resvae.cli import main
 from resvae.config import resolve
 
 T = importlib.import_module("resvae.train")  # the module: resvae.train is the function
@@ -302,6 +303,32 @@ def test_missing_or_empty_sweep_dir_names_the_path(tmp_path):
         R.report(tmp_path / "empty")
     with pytest.raises(ValueError, match="gone"):
         R.compare([tmp_path / "gone"])
+
+
+@pytest.mark.parametrize("sweep_json, message", [
+    ([1], "expected a JSON object, got a list"),
+    ({"runs": 5}, "'runs' must be a list"),
+    ({"runs": [{"depth": 20}]}, "needs a name"),  # (a KeyError traceback before)
+    ({"runs": [{"name": "../../elsewhere"}]}, "needs a name"),  # never a path out of it
+])
+def test_a_malformed_sweep_json_is_one_line(tmp_path, capsys, sweep_json, message):
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep_json))
+    for argv in (["report", str(tmp_path)], ["sweep", "--status", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sweep.json" in err[0] and message in err[0], err
+
+
+def test_a_summary_json_that_is_not_an_object_is_one_line(sweep, tmp_path, capsys):
+    # (an AttributeError traceback before)
+    import shutil
+    run = tmp_path / "r"
+    shutil.copytree(sweep / "d20-none", run)
+    (run / "summary.json").write_text("[1, 2]")
+    for argv in (["compare", str(run)], ["report", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "summary.json: expected a JSON object, got a list" in err[0]
 
 
 def _chromium():

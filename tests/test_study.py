@@ -384,3 +384,15 @@ def test_bn_recalibration_changes_evaluation_only(tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if "running" not in k and "num_batches" not in k)
     assert any(not torch.equal(sa[k], sb[k]) for k in sa if "running_mean" in k)
+
+
+@pytest.mark.parametrize("extra", [[], ["--print-commands"]])
+def test_a_sweep_out_that_is_a_training_run_is_refused(tmp_path, capsys, extra):
+    run = tmp_path / "run"
+    train_small(resolve(preset="tiny", environ={}, overrides=dict(TINY)), run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["sweep", "--preset", "tiny", "--depths", "20", "--max-epochs", "1",
+                 "--out", str(run), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a training run" in err[0]
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

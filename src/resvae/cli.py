@@ -303,7 +303,10 @@ def _sweep_status(sweep_dir: Path) -> int:
     if not sweep_dir.is_dir():
         raise ConfigError(f"--status {sweep_dir}: no such sweep directory")
     status = read_sweep(sweep_dir)
-    print("\n".join(status_lines(sweep_dir, status["runs"], status.get("iwae_k", 100) > 0)))
+    if not status:
+        raise ConfigError(f"--status {sweep_dir}: not a sweep directory (no sweep.json)")
+    evaluates = status.get("iwae_k", 100) != 0
+    print("\n".join(status_lines(sweep_dir, status.get("runs", []), evaluates)))
     return 0
 
 
@@ -339,6 +342,9 @@ def cmd_report(args) -> int:
 
     if args.screenshot and not args.o:
         raise ConfigError("--screenshot renders the HTML page: give -o report.html too")
+    if args.screenshot:  # before the report is written, not after
+        from .files import check_output
+        check_output(args.screenshot, "--screenshot")
     paths = report(args.sweep_dir, html_out=args.o)
     if args.screenshot:
         from .report import screenshot

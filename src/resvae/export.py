@@ -12,7 +12,7 @@ from . import __version__
 from .checkpoints import load_run, save_pretrained
 from .config import RunConfig, to_dict
 from .errors import ConfigError, MissingDependency, RunError
-from .files import atomic_write
+from .files import atomic_write, check_output
 from .vae import eval_mode
 from .vae_base import BaseVAE
 
@@ -33,11 +33,8 @@ def export_run(run_dir, out, fmt: str = "hub", which: str = "best",
 
 def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
     """Nothing of the user's is replaced without --overwrite; a run directory never is."""
-    for p in out.parents:  # the nearest existing folder above OUT must be one
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"-o {out}: {p} is a file, not a folder")
-            break
+    # under a folder one can write in (and for hub, itself a folder or not there yet)
+    check_output(out, folder=fmt == "hub" or out.is_dir())
     if (out / "checkpoints").exists():
         raise RunError(f"{out}: holds a run (checkpoints/); export into another folder")
     taken = (out.is_dir() and any(out.iterdir())) if fmt == "hub" else out.exists()

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import DiskFullError
+from .errors import ConfigError, DiskFullError
 
 # sysexits.h's EX_IOERR: the exit status of a command stopped by a full disk (2 is bad input,
 # 3 a run stopped by non-finite losses)
@@ -36,6 +36,27 @@ def disk_full_is_named(path: Path, kept: str) -> Iterator[None]:
             raise
         raise DiskFullError(e.errno, f"{path}: the disk is full ({e.strerror}; {_free(path)}) "
                             f"while writing it; {kept}") from e
+
+
+def check_output(path: str | os.PathLike, flag: str = "-o", *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a folder where a file is
+    to go (or a file where a folder is), a path under a file, or one whose nearest existing
+    folder is not writable (a read-only file system, no permission)."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise ConfigError(f"{flag} {path}: a folder; give the path of a file to write")
+    if path.exists() and not path.is_dir() and folder:
+        raise ConfigError(f"{flag} {path}: a file, not a folder")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{flag} {path}: {p} is a file, not a folder")
+            where = path if folder and path.is_dir() else p
+            if not os.access(where, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: cannot write in {where} (a read-only file "
+                                  "system, or no permission)")
+            break
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:

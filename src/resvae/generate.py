@@ -13,7 +13,7 @@ from PIL import Image
 from .checkpoints import load_run
 from .data import run_splits, to_input
 from .errors import ConfigError
-from .files import atomic_write
+from .files import atomic_write, check_output
 from .runs import RunDir
 from .vae import eval_mode
 from .vae_base import BaseVAE
@@ -96,6 +96,7 @@ def _checked(n: int, what: str) -> int:
 def sample_run(run_dir, out: Path, *, n: int = 100, nrow: int = 10, temperature: float = 1.0,
                seed: int = 1234, device="cpu") -> Path:
     """`resvae sample`: n images from a saved run's prior as one grid."""
+    check_output(out)
     vae, _ = load_run(run_dir, device=device)
     save_grid(samples(vae, _checked(n, "-n"), temperature=temperature, seed=seed), out,
               nrow=min(nrow, n))
@@ -105,6 +106,7 @@ def sample_run(run_dir, out: Path, *, n: int = 100, nrow: int = 10, temperature:
 def reconstruct_run(run_dir, out: Path, *, n: int = 50, split: str = "test", device="cpu",
                     data_dir: str | None = None) -> Path:
     """`resvae reconstruct`: n test images (whole rows of 10) above their reconstructions."""
+    check_output(out)
     vae, cfg = load_run(run_dir, device=device)
     images = spread(_run_images(cfg, split, data_dir), _checked(n, "-n"))
     nrow = min(10, len(images))
@@ -116,6 +118,7 @@ def reconstruct_run(run_dir, out: Path, *, n: int = 50, split: str = "test", dev
 def interpolate_run(run_dir, out: Path, *, pairs: int = 8, steps: int = 10, split: str = "test",
                     device="cpu", data_dir: str | None = None) -> Path:
     """`resvae interpolate`: `pairs` rows of `steps` images between pairs of test images."""
+    check_output(out)
     vae, cfg = load_run(run_dir, device=device)
     images = spread(_run_images(cfg, split, data_dir), 2 * _checked(pairs, "--pairs"))
     save_grid(interpolations(vae, images, _checked(steps, "--steps")), out, nrow=steps)

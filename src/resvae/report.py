@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import runs
 from .errors import ConfigError, MissingDependency, RunError, RunNotFound
-from .files import atomic_write
+from .files import atomic_write, check_output
 
 # The 2018 study's Table 1: its four nets on one GTX 1070, loss = 3072 x BCE + KL in nats on the
 # original CIFAR-10 (comparable to a run here only with likelihood "bernoulli" on cifar10).
@@ -54,7 +54,12 @@ FIGURES = ["curves", "loss_vs_depth", "degradation"]  # the HTML page embeds the
 
 def _read_optional(path: Path) -> dict:
     """A JSON record a run may not have (yet): {} when missing."""
-    return runs.read_json(path) if path.exists() else {}
+    if not path.exists():
+        return {}
+    record = runs.read_json(path)
+    if not isinstance(record, dict):
+        raise RunError(f"{path}: expected a JSON object, got a {type(record).__name__}")
+    return record
 
 
 def latest_samples(run_dir: str | Path) -> Path | None:
@@ -69,10 +74,10 @@ def find_runs(sweep_dir: str | Path) -> tuple[list[Path], list[dict | None]]:
     if not sweep_dir.is_dir():
         raise RunNotFound(f"sweep directory {sweep_dir} does not exist")
     layout = runs.SweepDir(sweep_dir)
-    sweep = _read_optional(layout.status)
+    sweep = layout.read_status()
     if sweep:
         entries = sweep.get("runs", [])
-        dirs = [layout.run(e.get("dir", e["name"])).root for e in entries]
+        dirs = [layout.entry_run(e).root for e in entries]
     else:
         dirs = sorted(p for p in sweep_dir.iterdir() if runs.RunDir(p).config.is_file())
         entries = [None] * len(dirs)
@@ -693,6 +698,9 @@ def report(sweep_dir: str | Path, html_out: str | Path | None = None) -> dict[st
     """The whole report of a sweep: results.csv/md and figures in `sweep_dir`, and the HTML page
     at `html_out` if given. Returns their paths by name: csv, md, the FIGURES[, html]."""
     run_dirs, entries = find_runs(sweep_dir)
+    check_output(sweep_dir, "SWEEP_DIR", folder=True)  # results.csv/md and figures go there
+    if html_out is not None:
+        check_output(html_out)
     rows = collect(run_dirs, entries)
     paths = write_results(sweep_dir, rows)
     paths.update(make_figures(rows, run_dirs, sweep_dir))
@@ -720,7 +728,7 @@ def screenshot(html_path: str | Path, png_path: str | Path, chromium: str | None
     if not exe or not Path(exe).exists():
         raise MissingDependency(f"--screenshot: no Chromium executable found ({exe or 'none on PATH'}); "
                          "install one (apt-get install chromium) or set RESVAE_CHROMIUM")
-    html_path, png_path = Path(html_path).resolve(), Path(png_path)
+    html_path, png_path = Path(html_path).resolve(), check_output(png_path, "--screenshot")
     if not html_path.is_file():
         raise RunNotFound(f"{html_path}: no such HTML file")
     with sync_playwright() as p:

@@ -105,6 +105,29 @@ class SweepDir:
     def run(self, name: str) -> RunDir:
         return RunDir(self.root / name)
 
+    def read_status(self) -> dict:
+        """sweep.json, checked: an object whose "runs" is a list of entries, each naming its run
+        folder (one name inside this directory, never a path); {} when there is none."""
+        if not self.status.exists():
+            return {}
+        status = read_json(self.status)
+        if not isinstance(status, dict):
+            raise RunError(f"{self.status}: expected a JSON object, got a "
+                           f"{type(status).__name__}")
+        entries = status.get("runs", [])
+        if not isinstance(entries, list):
+            raise RunError(f"{self.status}: 'runs' must be a list, got {entries!r}")
+        for e in entries:
+            folder = e.get("dir", e.get("name")) if isinstance(e, dict) else None
+            if not (isinstance(folder, str) and Path(folder).name == folder
+                    and folder not in ("", ".", "..") and isinstance(e.get("name"), str)):
+                raise RunError(f"{self.status}: each entry of 'runs' needs a name (a folder in "
+                               f"the sweep directory), got {e!r}")
+        return status
+
+    def entry_run(self, entry: dict) -> RunDir:
+        return self.run(entry.get("dir", entry["name"]))
+
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
 

@@ -45,7 +45,6 @@ from .runs import (
     config_differences,
     is_finished,
     read_config,
-    read_json,
     write_json,
 )
 from .stops import SweepSignals
@@ -267,6 +266,7 @@ def sweep(spec: SweepSpec, sweep_dir: str | Path, *, environ: Mapping[str, str] 
     """
     sweep_dir = Path(sweep_dir)
     runs = plan(spec, environ)
+    _check_sweep_dir(sweep_dir)
     if gpus is None:
         gpus = _visible_gpus()
     # two sweeps into one directory would train the same runs twice and both write sweep.json
@@ -353,12 +353,16 @@ def _visible_gpus() -> list[str]:
 
 
 def _check_sweep_dir(sweep_dir: Path) -> None:
-    """--out must be a folder, or a path one can be made at (not a file, nor under one)."""
+    """--out must be a folder, or a path one can be made at (not a file, nor under one), and not
+    a training run (its runs would be mixed into that run's files)."""
     for p in (sweep_dir, *sweep_dir.parents):
         if p.exists():
             if not p.is_dir():
                 raise ConfigError(f"--out {sweep_dir}: {p} is a file, not a folder")
-            return
+            break
+    if RunDir(sweep_dir).config.is_file() or RunDir(sweep_dir).checkpoint("last").exists():
+        raise ConfigError(f"--out {sweep_dir}: holds a training run (config.json), not a sweep; "
+                          "choose another folder")
 
 
 def _write_planned(sweep_dir: Path, name: str, cfg: RunConfig) -> Path:
@@ -457,8 +461,7 @@ def submit_slurm(spec: SweepSpec, sweep_dir: str | Path, settings, *,
     _check_sweep_dir(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(sweep_dir):
-        old = {e["name"]: e for e in (read_sweep(sweep_dir).get("runs", [])
-                                      if SweepDir(sweep_dir).status.exists() else [])}
+        old = {e["name"]: e for e in read_sweep(sweep_dir).get("runs", [])}
         entries = [{**_entry(name, cfg, point), "job_id": old.get(name, {}).get("job_id")}
                    for (name, cfg), point in zip(runs, spec.points())]
         queued = queue_states([e["job_id"] for e in entries if e["job_id"]])
@@ -508,7 +511,8 @@ def _wait(sweep_dir: Path, spec: SweepSpec, entries: list[dict], poll_seconds: f
 
 
 def read_sweep(sweep_dir: str | Path) -> dict:
-    return read_json(SweepDir(sweep_dir).status)
+    """sweep.json, checked (runs.SweepDir.read_status); {} when there is none."""
+    return SweepDir(sweep_dir).read_status()
 
 
 __all__ = ["submit_slurm", "print_commands", "SweepSpec", "load_sweep_file", "plan", "sweep", "run_name", "read_sweep"]
