@@ -131,6 +131,19 @@ def test_export_never_replaces_without_overwrite(run, tmp_path, capsys):
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     assert main(["export", str(run_dir), "-o", str(mine)]) == 2  # any non-empty folder
+    # --overwrite replaces an export's own two files, nothing else of the folder's
+    assert main(["export", str(run_dir), "-o", str(mine), "--overwrite"]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "model.safetensors",
+                                                      "notes.txt"]
+    assert (mine / "notes.txt").read_text() == "mine"
+    theirs = tmp_path / "theirs"  # someone else's config.json is not replaced, even so
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "gpt2"}')
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "-o", str(theirs), "--overwrite"]) == 2
+    assert "not from a resvae export" in capsys.readouterr().err
+    assert (theirs / "config.json").read_text() == '{"model_type": "gpt2"}'
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json"]
     assert main(["export", str(run_dir), "-o", str(out), "--which", "last", "--overwrite"]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
 

@@ -43,9 +43,27 @@ def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
         raise ConfigError(f"-o {out}: {what} is there already; choose another path, or pass "
                           "--overwrite to replace "
                           + ("its config.json and model.safetensors" if fmt == "hub" else "it"))
+    if fmt == "hub" and out.is_dir():
+        _check_own_files(out)
     if fmt == "onnx" and out.is_dir():
         raise ConfigError(f"-o {out}: a folder; --format onnx writes one file (e.g. "
                           f"{out / 'decoder.onnx'})")
+
+
+def _check_own_files(out: Path) -> None:
+    """--overwrite replaces an earlier export's config.json and model.safetensors, and nothing
+    else: a config.json that is not a resvae export's (or weights beside none) is the user's."""
+    config = out / "config.json"
+    mine = False
+    if config.is_file():
+        try:
+            mine = json.loads(config.read_text()).get("format") == "resvae"
+        except (ValueError, AttributeError, OSError, UnicodeDecodeError):
+            mine = False
+    for name in ("config.json", "model.safetensors"):
+        if (out / name).exists() and not mine:
+            raise ConfigError(f"-o {out}: its {name} is not from a resvae export; not replaced, "
+                              "even with --overwrite: choose another folder")
 
 
 def export_onnx(vae: BaseVAE, cfg: RunConfig, path) -> Path:
