@@ -269,3 +269,28 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(
             "read-only": "cannot write in"}[where] in err[0]
     assert (tmp_path / "afile").read_text() == "mine" and not any((tmp_path / "adir").iterdir())
     assert sorted(p.name for p in sweep_dir.iterdir()) == before  # no results.csv either
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: {**w, "extra.weight": torch.zeros(3)}, "refused: its tensors"),
+    (lambda w: {k: v * float("nan") if v.is_floating_point() else v for k, v in w.items()},
+     "non-finite weights"),
+])
+def test_a_run_checkpoint_passes_the_same_gate_as_an_export(run, tmp_path, capsys, change,
+                                                            message):
+    # a run directory's best.pt (someone else's run) is checked as a .safetensors file is:
+    # exactly the model's tensors, all finite (a traceback or a black grid before)
+    import shutil
+
+    run_dir = tmp_path / "theirs"
+    shutil.copytree(run[0], run_dir)
+    ckpt_path = run_dir / "checkpoints" / "best.pt"
+    state = torch.load(ckpt_path, weights_only=True)
+    key = "ema" if "ema" in state else "model"
+    state[key] = change(state[key])
+    torch.save(state, ckpt_path)
+    (run_dir / "checkpoints" / "best.safetensors").unlink(missing_ok=True)
+    assert main(["sample", str(run_dir), "-n", "4", "-o", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(ckpt_path) in err[0] and message in err[0], err
+    assert not (tmp_path / "g.png").exists()

@@ -160,30 +160,39 @@ def _check_bounds(cfg: RunConfig, image_shape, where: str) -> tuple[int, int, in
 
 def _build_checked(cfg: RunConfig, image_shape, weights: Path, where: str,
                    device) -> BaseVAE:
-    """The model `cfg` describes, with the weights in `weights`, after checking that its bounds
-    hold and that the file's tensors are exactly the model's (names and shapes, read from the
-    file's header and a model built on the meta device: nothing allocated yet), and that every
-    weight is finite."""
-    shape = _check_bounds(cfg, image_shape, where)
+    """The model `cfg` describes, with the weights of the safetensors file `weights` (its
+    tensors' names and shapes read from the file's header first: nothing loaded yet)."""
     try:
         with safe_open(str(weights), "pt") as f:
             have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        with torch.device("meta"):
-            want = {k: tuple(v.shape) for k, v in build_from_config(cfg, shape).state_dict().items()}
     except (SafetensorError, OSError) as e:
         raise RunError(f"{weights}: not a readable safetensors file ({e})") from None
+    return _verified_model(cfg, image_shape, have, lambda: load_file(str(weights),
+                                                                      device=str(device)),
+                           str(weights), device)
+
+
+def _verified_model(cfg: RunConfig, image_shape, have: dict, load_weights, where: str,
+                    device) -> BaseVAE:
+    """Every loader's one gate (exported folders, .safetensors files, run checkpoints): the
+    config within BOUNDS, the weights' tensors exactly the model's (names and shapes, against a
+    model built on the meta device: nothing allocated yet), every weight finite; then the model
+    is built and loaded. `have`: the weights' {name: shape}; `load_weights()` gives them."""
+    shape = _check_bounds(cfg, image_shape, where)
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in build_from_config(cfg, shape).state_dict().items()}
     if have != want:
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))
         wrong = sorted(k for k in set(have) & set(want) if have[k] != want[k])
-        raise RunError(f"{weights}: refused: its tensors do not match the model its config "
+        raise RunError(f"{where}: refused: its tensors do not match the model its config "
                        f"describes ({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} "
                        f"extra, e.g. {extra[:2]}; {len(wrong)} of another shape, e.g. "
                        f"{[(k, have[k], want[k]) for k in wrong[:2]]})")
-    state = load_file(str(weights), device=str(device))
+    state = load_weights()
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise RunError(f"{weights}: refused: non-finite weights (NaN or inf) in {len(bad)} "
+        raise RunError(f"{where}: refused: non-finite weights (NaN or inf) in {len(bad)} "
                        f"tensor(s), e.g. {bad[0]}")
     vae = build_from_config(cfg, shape).to(device)
     vae.load_state_dict(state)
@@ -272,9 +281,11 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> t
         raise RunNotFound(f"{ckpt}: no such checkpoint (has {path} finished an epoch?)")
     state = load_checkpoint(ckpt, map_location=device)
     cfg = from_dict(state["config"], source=str(ckpt))
-    vae = build_from_config(cfg, tuple(state["image_shape"])).to(device)
-    vae.load_state_dict(eval_weights(state))
-    return vae.eval(), cfg
+    weights = eval_weights(state)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    image_shape = state.get("image_shape")
+    image_shape = list(image_shape) if isinstance(image_shape, (list, tuple)) else image_shape
+    return _verified_model(cfg, image_shape, shapes, lambda: weights, str(ckpt), device), cfg
 
 
 # --- resuming -----------------------------------------------------------------------------------
