@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import json
 import os
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 from . import __version__
 from .config import (
     ConfigError,
-    field_docs,
+    field_doc,
+    field_info,
     fields_flat,
     load_preset,
     presets_help,
@@ -83,7 +85,8 @@ def _preset_values(name: str | None) -> dict:
         cfg = resolve(preset=name, environ={})
     except ConfigError:
         return {}
-    return {k: getattr(getattr(cfg, fields_flat()[k][0]), k) for k in keys if k in fields_flat()}
+    flat = fields_flat()
+    return {k: getattr(getattr(cfg, flat[k][0]), k) for k in keys if k in flat}
 
 
 def _show(value) -> str:
@@ -97,8 +100,8 @@ def _show(value) -> str:
 def _flag_help(key: str, preset: str | None, preset_vals: dict, lead: str = "") -> str:
     """A config flag's help from its field metadata: what it does, each choice on its own line,
     its unit, and its default (the preset's value when --preset is on the command line)."""
-    _, _, default = fields_flat()[key]
-    doc = field_docs()[key]
+    _, _, default = field_info(key)
+    doc = field_doc(key)
     lines = [lead + (doc["help"] or "(no help text yet)")]
     if doc["choices"]:
         lines[0] += "; one of:"
@@ -112,8 +115,8 @@ def _flag_help(key: str, preset: str | None, preset_vals: dict, lead: str = "") 
 
 
 def _metavar(key: str) -> str:
-    _, typ, _ = fields_flat()[key]
-    if choices := field_docs()[key]["choices"]:
+    _, typ, _ = field_info(key)
+    if choices := field_doc(key)["choices"]:
         return "{" + ",".join(choices) + "}"
     if typing.get_origin(typ) is list:
         return typing.get_args(typ)[0].__name__.upper() + ",..."
@@ -140,7 +143,7 @@ def _add_config_flags(p: argparse.ArgumentParser, keys, preset: str | None = Non
     preset_vals = _preset_values(preset)
     groups = {} if groups is None else groups
     for key in keys:
-        section, typ, _ = fields_flat()[key]
+        section, typ, _ = field_info(key)
         group = _group(p, groups, section)
         extra = dict(nargs="?", const="true") if typ is bool else {}
         group.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None,
@@ -814,6 +817,17 @@ def main(argv: list[str] | None = None) -> int:
         # Only these: any other exception is a bug, and its traceback is what a report needs.
         print(f"resvae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # a path the user gave that the system refuses (too long, a link loop, no permission, a
+        # read-only file system) wherever it is first touched: one line naming it
+        if e.errno not in USER_PATH_ERRNOS or not e.filename:
+            raise
+        print(f"resvae {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+USER_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EACCES,
+                    errno.EPERM, errno.EROFS}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -365,10 +366,15 @@ def fields_flat() -> dict[str, tuple[str, type, object]]:
     return {k: (s, t, copy.copy(d)) for k, (s, t, d) in _FIELDS.items()}
 
 
-def field_docs() -> dict[str, dict]:
-    """Flat key -> {"help", "unit", "choices", "choice_help"} from each field's metadata (see
-    ``setting``). A field declared without ``setting`` has help "" here, which the CLI shows
-    as it is and the tests reject by name."""
+def field_info(key: str) -> tuple[str, type, object]:
+    """One key's (section, type, default): fields_flat()[key] without copying every field (the
+    CLI asks for each of its ~100 flags)."""
+    section, typ, default = _FIELDS[key]
+    return section, typ, copy.copy(default)
+
+
+@functools.cache
+def _docs_table() -> dict[str, dict]:
     out = {}
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):
@@ -377,6 +383,19 @@ def field_docs() -> dict[str, dict]:
                            "choices": m.get("choices"),
                            "choice_help": dict(m.get("choice_help", {}))}
     return out
+
+
+def field_doc(key: str) -> dict:
+    """One key's {"help", "unit", "choices", "choice_help"} from its field's metadata (see
+    ``setting``). A field declared without ``setting`` has help "" here, which the CLI shows
+    as it is and the tests reject by name."""
+    doc = _docs_table()[key]
+    return {**doc, "choice_help": dict(doc["choice_help"])}
+
+
+def field_docs() -> dict[str, dict]:
+    """Flat key -> field_doc(key), for every field."""
+    return {k: field_doc(k) for k in _docs_table()}
 
 
 def _tname(typ) -> str:
@@ -581,9 +600,13 @@ def load_toml(path) -> dict:
         raise ConfigError(f"{path}: cannot read config file: {e}") from None
     if str(path).endswith(".json"):
         try:
-            return json.loads(text)
+            d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config tables, got a "
+                              f"{type(d).__name__}")
+        return d
     return _loads(text, str(path))
 
 
