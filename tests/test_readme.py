@@ -124,3 +124,17 @@ def test_readme_ten_minute_runs_table_is_the_runs_own_files():
              for r in runs}
     assert len(hours) == len(runs)  # each run in its own hour
     assert table.spread_table(runs) in README
+
+
+def test_every_test_docs_reliability_names_exists():
+    # each row of docs/reliability.md names the test that tries it: that test must exist
+    import ast
+    import re
+
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(tests/test_\w+\.py)(?:::(\w+))?", text))
+    assert len(named) > 40
+    for path, name in named:
+        tree = ast.parse((ROOT / path).read_text())
+        tests = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert not name or name in tests, f"docs/reliability.md names {path}::{name}"
