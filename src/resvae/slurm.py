@@ -18,7 +18,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -104,17 +103,8 @@ class RunTask:
         self.returncode: int | None = None
 
     def commands(self) -> list[list[str]]:
-        exe = [sys.executable, "-m", "resvae"]
-        run = RunDir(self.run_dir)
-        cmds = []
-        if not is_finished(run.root):
-            cmds.append(exe + (["train", "--resume", self.run_dir]
-                               if run.checkpoint("last").exists() else
-                               ["train", "--config", self.planned, "--out", self.run_dir,
-                                "--overwrite"]))
-        if self.eval_args and not run.eval.exists():
-            cmds.append(exe + ["eval", self.run_dir, *self.eval_args])
-        return cmds
+        from .sweep import run_commands  # (sweep imports this module)
+        return run_commands(self.run_dir, self.planned, self.eval_args)
 
     def _run(self, cmd: list[str]) -> int:
         """Run one child to its end. Slurm's USR2 before the time limit reaches every process of

@@ -372,23 +372,32 @@ def _write_planned(sweep_dir: Path, name: str, cfg: RunConfig) -> Path:
     return planned
 
 
+def run_commands(run_dir: str | Path, planned: str | Path, eval_args: list[str]) -> list:
+    """The child processes that bring one run to its end, whoever starts them (a GPU slot here,
+    a Slurm task): train it (resume it when it has a checkpoint, else start it over), then
+    evaluate it with `eval_args` (none: no evaluation) unless it is finished and evaluated."""
+    exe = [sys.executable, "-m", "resvae"]
+    run, cmds = RunDir(run_dir), []
+    if not is_finished(run.root):
+        cmds.append(exe + (["train", "--resume", str(run.root)]
+                           if run.checkpoint("last").exists() else
+                           # no checkpoint to resume: whatever an earlier try left is started over
+                           ["train", "--config", str(planned), "--out", str(run.root),
+                            "--overwrite"]))
+    if eval_args and (cmds or not run.eval.exists()):
+        cmds.append(exe + ["eval", str(run.root), *eval_args])
+    return cmds
+
+
+def _eval_args(spec: SweepSpec) -> list[str]:
+    return ["--k", str(spec.iwae_k), "--n", str(spec.iwae_n)] if spec.iwae_k > 0 else []
+
+
 def _subprocess_commands(name: str, cfg: RunConfig, sweep_dir: Path, spec: SweepSpec) -> list:
     run, planned = SweepDir(sweep_dir).run(name), _write_planned(sweep_dir, name, cfg)
-    exe = [sys.executable, "-m", "resvae"]
-    cmds = []
-    if is_finished(run.root):
-        _same_model(run, cfg)
-    elif run.checkpoint("last").exists():
-        _same_model(run, cfg)
-        cmds.append(exe + ["train", "--resume", str(run.root)])
-    else:
-        # no checkpoint to resume: whatever an earlier try left there is started over
-        cmds.append(exe + ["train", "--config", str(planned), "--out", str(run.root),
-                           "--overwrite"])
-    if spec.iwae_k > 0:
-        cmds.append(exe + ["eval", str(run.root), "--k", str(spec.iwae_k), "--n",
-                           str(spec.iwae_n)])
-    return cmds
+    if is_finished(run.root) or run.checkpoint("last").exists():
+        _same_model(run, cfg)  # what is there is this run's, not another model's
+    return run_commands(run.root, planned, _eval_args(spec))
 
 
 def _parallel(runs, entries, sweep_dir: Path, spec: SweepSpec, gpus: list[str], log,
@@ -474,7 +483,7 @@ def submit_slurm(spec: SweepSpec, sweep_dir: str | Path, settings, *,
             if run.config.exists():
                 _same_model(run, cfg)
             planned = _write_planned(sweep_dir, name, cfg)
-            eval_args = ["--k", str(spec.iwae_k), "--n", str(spec.iwae_n)] if spec.iwae_k else []
+            eval_args = _eval_args(spec)
             tasks.append((name, RunTask(str(run.root), str(planned), eval_args)))
         ids = submit(tasks, sweep_dir, settings) if tasks else {}
         for e in entries:
