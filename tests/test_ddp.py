@@ -304,3 +304,19 @@ def test_torchrun_launch_end_to_end(tmp_path):
     recs = (run / "metrics.jsonl").read_text().splitlines()
     assert len(recs) == 1 and json.loads(recs[0])["epoch"] == 1
     assert p.stdout.count("epoch    1") == 1  # only rank 0 logs
+
+
+def test_ranks_are_read_from_torchrun_or_srun_and_a_batch_script_is_no_rank():
+    from resvae.distributed import launch_env, launched_as_main
+
+    srun = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1",
+            "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"}
+    env = launch_env(srun)  # no node list: the master is this host
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("1", "2", "1")
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == str(20000 + 49)
+    assert not launched_as_main(srun) and launched_as_main({**srun, "SLURM_PROCID": "0"})
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}  # sbatch's shell
+    assert launch_env(batch) is None and launched_as_main(batch)
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", **srun}
+    assert launch_env(torchrun) is None and not launched_as_main(torchrun)
+    assert launched_as_main({})

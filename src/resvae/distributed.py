@@ -75,12 +75,8 @@ def launch_env(environ=os.environ) -> dict[str, str] | None:
     process: torchrun's own, or under `srun --ntasks N` (N > 1) Slurm's: SLURM_PROCID,
     SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the first host of SLURM_JOB_NODELIST (expanded by `scontrol
     show hostnames`) and a port from the job id. None for a plain process, or one Slurm task."""
-    if "RANK" in environ:
-        return None  # torchrun set them all already
-    # SLURM_STEP_NUM_TASKS: srun sets it for its tasks; a batch script's own process (which has
-    # SLURM_NTASKS of the whole allocation) is no rank of anything
-    if int(environ.get("SLURM_STEP_NUM_TASKS", "1")) < 2 or "SLURM_PROCID" not in environ:
-        return None
+    if "RANK" in environ or not _slurm_ranked(environ):
+        return None  # torchrun set them all already, or not several processes
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
                            text=True, timeout=30).stdout.split() if nodes else []
@@ -93,10 +89,18 @@ def launch_env(environ=os.environ) -> dict[str, str] | None:
                          + int(environ.get("SLURM_STEP_ID", "0") or 0)) % 20000)}
 
 
-def launched_as_main() -> bool:
-    """Whether this process is rank 0 (or alone), before `setup` has run: the one that writes."""
-    slurm = launch_env() or {}
-    return int(os.environ.get("RANK", slurm.get("RANK", "0"))) == 0
+def _slurm_ranked(environ) -> bool:
+    """A task of `srun --ntasks N` (N > 1). SLURM_STEP_NUM_TASKS: srun sets it for its tasks; a
+    batch script's own process (which has SLURM_NTASKS of the whole allocation) is no rank."""
+    return int(environ.get("SLURM_STEP_NUM_TASKS", "1")) >= 2 and "SLURM_PROCID" in environ
+
+
+def launched_as_main(environ=os.environ) -> bool:
+    """Whether this process is rank 0 (or alone), before `setup` has run: the one that writes.
+    (Slurm's rank is read directly: the master's address, and its `scontrol`, are not needed.)"""
+    if "RANK" in environ:
+        return int(environ["RANK"]) == 0
+    return not _slurm_ranked(environ) or environ["SLURM_PROCID"] == "0"
 
 
 def setup(device: str = "auto", timeout: float | None = None) -> Runtime:
