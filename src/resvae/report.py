@@ -298,11 +298,15 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) ->
 
 
 def _stat_cell(row: dict, m: str) -> str:
+    # bits/dim to 3 decimals, nats to 1 (a loss of 15,944 nats reads better than 1.594e+04)
+    def num(v: float) -> str:
+        return f"{v:.3f}" if m.endswith("bpd") else f"{v:,.1f}"
+
     if row[f"{m}_mean"] is None:
         return ""
     if row[f"{m}_ci_low"] is None:
-        return f"{row[f'{m}_mean']:.4g} (n={row[f'{m}_n']})"
-    return (f"{row[f'{m}_mean']:.4g} [{row[f'{m}_ci_low']:.4g}, {row[f'{m}_ci_high']:.4g}] "
+        return f"{num(row[f'{m}_mean'])} (n={row[f'{m}_n']})"
+    return (f"{num(row[f'{m}_mean'])} [{num(row[f'{m}_ci_low'])}, {num(row[f'{m}_ci_high'])}] "
             f"(n={row[f'{m}_n']})")
 
 
