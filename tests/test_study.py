@@ -396,3 +396,20 @@ def test_a_sweep_out_that_is_a_training_run_is_refused(tmp_path, capsys, extra):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a training run" in err[0]
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_status_of_a_local_sweep_says_done_running_and_not_started(tmp_path, capsys):
+    from resvae.runs import RunLock
+
+    out = tmp_path / "sweep"
+    spec = SweepSpec(grid={"depth": [20, 24]}, preset="tiny", fixed=dict(TINY), iwae_k=0)
+    sweep(spec, out, environ={}, gpus=[], log=lambda *a: None)
+    status = json.loads((out / "sweep.json").read_text())
+    status["runs"].append({**status["runs"][1], "name": "depth028", "dir": "depth028"})
+    (out / "sweep.json").write_text(json.dumps(status))
+    capsys.readouterr()
+    (out / "depth024" / "summary.json").unlink()  # as while the sweep trains it
+    with RunLock(out / "depth024"):
+        assert main(["sweep", "--status", str(out)]) == 0
+    states = [line.split()[2] for line in capsys.readouterr().out.splitlines()]
+    assert states == ["done", "running", "not"]  # "not started"

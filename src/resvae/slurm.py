@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import parse_duration
 from .errors import ConfigError, MissingDependency
-from .runs import RunDir, SweepDir, is_finished, read_metrics
+from .runs import RunDir, SweepDir, is_finished, is_training, read_metrics
 
 LAUNCHERS = ("local", "slurm")
 
@@ -196,7 +196,9 @@ def run_state(run_dir: Path, job_id: str | None, queued: dict[str, str],
     run = RunDir(run_dir)
     if is_finished(run.root) and (run.eval.exists() or not evaluates):
         return "done"
-    return "failed" if job_id else "not submitted"
+    if is_training(run.root):  # a local sweep's run, in progress
+        return "running"
+    return "failed" if job_id else "not started"
 
 
 def progress(run_dir: Path) -> str:
