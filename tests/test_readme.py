@@ -77,6 +77,10 @@ def test_readme_sweep_tables_are_the_sweeps_own_results(sweep):
     results = (ROOT / "docs" / sweep / "results.md").read_text()
     table = results.split("\n\n")[1].strip()
     assert table.count("\n") >= 5 and table in README
+    if "## Over seeds" in results:  # and its tables over the seeds (means, paired differences)
+        over = results.split("## Over seeds")[1].split("\n## ")[0]
+        tables = [b.strip() for b in over.split("\n\n") if b.strip().startswith("|")]
+        assert len(tables) == 2 and all(t in README for t in tables)
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch, clean_env):
