@@ -56,6 +56,32 @@ def test_sweep_on_slurm_runs_each_point_as_an_array_task(tmp_path, clean_env, ca
     assert [e["job_id"] for e in again] == ids and [e["status"] for e in again] == ["done"] * 2
 
 
+@pytest.mark.slow  # about a minute: 8 array tasks, 2 at a time on the one-node cluster
+def test_a_seeded_2x2x2_sweep_through_the_cli_waits_reports_n2_and_resubmits_nothing(
+        tmp_path, clean_env, capsys):
+    import csv
+
+    out = tmp_path / "sw"
+    argv = ["sweep", "--preset", "tiny", "--depths", "20,24", "--shortcut", "identity,none",
+            "--seeds", "0,1", "--launcher", "slurm", "--time", "10m", "--subset", "64",
+            "--max-epochs", "1", "--sample-every", "0", "--device", "cpu", "--iwae-k", "2",
+            "--iwae-n", "4", "--out", str(out)]
+    assert main([*argv, "--wait"]) == 0
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert len(runs) == 8 and all(e["status"] == "done" for e in runs)
+    with open(out / "aggregate.csv") as f:
+        aggregate = list(csv.DictReader(f))
+    with open(out / "paired.csv") as f:
+        paired = list(csv.DictReader(f))
+    assert len(aggregate) == 4 and all(r["test_bpd_n"] == "2" for r in aggregate)
+    assert len(paired) == 2 and all(r["test_bpd_n"] == "2" for r in paired)
+    ids = [e["job_id"] for e in runs]
+    capsys.readouterr()
+    assert main(argv) == 0  # again: everything is done, nothing is submitted
+    assert [e["job_id"] for e in json.loads((out / "sweep.json").read_text())["runs"]] == ids
+    assert "0 of 8 runs submitted" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # about 80 s: two requeues and the reference run
 def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clean_env):
     # Interrupted twice while it trains, the two ways Slurm stops a task, then resumed; the
