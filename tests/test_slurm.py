@@ -29,6 +29,21 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
     not _cluster_up(), reason="no Slurm cluster reachable (bash tests/cluster/slurm-up.sh)")]
 
 
+def _submit_one_run(tmp_path, max_epochs: int):
+    """One tiny run (checkpoints every 4 updates) submitted as a one-task array; returns its
+    spec, sweep folder, job id and run folder."""
+    from resvae.slurm import SlurmSettings
+    from resvae.sweep import SweepSpec, submit_slurm
+
+    fixed = {"subset": 256, "max_epochs": max_epochs, "sample_every": 0, "device": "cpu",
+             "batch_size": 16, "checkpoint_every": "4steps"}
+    spec = SweepSpec(grid={"depth": [20]}, preset="tiny", fixed=fixed, iwae_k=0)
+    out = tmp_path / "sw"
+    [entry] = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={},
+                           log=lambda *a: None)
+    return spec, out, entry["job_id"], out / "depth020"
+
+
 def test_sweep_on_slurm_runs_each_point_as_an_array_task(tmp_path, clean_env, capsys):
     from resvae.slurm import SlurmSettings
     from resvae.sweep import SweepSpec, submit_slurm
@@ -95,17 +110,10 @@ def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clea
     import time
 
     from resvae.config import resolve
-    from resvae.slurm import SlurmSettings, queue_states
-    from resvae.sweep import SweepSpec, submit_slurm
+    from resvae.slurm import queue_states
     from resvae.train import train
 
-    fixed = {"subset": 256, "max_epochs": 20, "sample_every": 0, "device": "cpu",
-             "batch_size": 16, "checkpoint_every": "4steps"}
-    spec = SweepSpec(grid={"depth": [20]}, preset="tiny", fixed=fixed, iwae_k=0)
-    out = tmp_path / "sw"
-    [entry] = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={},
-                           log=lambda *a: None)
-    job, run = entry["job_id"], out / "depth020"
+    spec, out, job, run = _submit_one_run(tmp_path, max_epochs=20)
     hist, last = run / "history.jsonl", run / "checkpoints" / "last.pt"
     for i in range(2):  # requeue once invocation i + 1 has written a checkpoint of its own
         deadline = time.monotonic() + 120
@@ -133,7 +141,7 @@ def test_a_requeued_task_resumes_and_ends_as_an_uninterrupted_run(tmp_path, clea
     assert "Calling checkpoint method" in logs  # the USR2 went through RunTask.checkpoint
     # ... which stopped the child through SIGTERM (it ignores USR2): a checkpoint and a summary
     assert [h.get("stop_reason") for h in history[:2]] == ["SIGTERM", "SIGTERM"]
-    ref = train(resolve(preset="tiny", environ={}, overrides={**fixed, "depth": 20}),
+    ref = train(resolve(preset="tiny", environ={}, overrides={**spec.fixed, "depth": 20}),
                 tmp_path / "ref", progress=False)
     got = json.loads((run / "summary.json").read_text())
     assert got["test_loss"] == ref["test_loss"] and got["best_val_loss"] == ref["best_val_loss"]
@@ -185,15 +193,9 @@ def test_a_killed_task_shows_as_failed_with_its_log_and_resumes_when_resubmitted
     import time
 
     from resvae.slurm import SlurmSettings, queue_states
-    from resvae.sweep import SweepSpec, submit_slurm
+    from resvae.sweep import submit_slurm
 
-    fixed = {"subset": 256, "max_epochs": 6, "sample_every": 0, "device": "cpu",
-             "batch_size": 16, "checkpoint_every": "4steps"}
-    spec = SweepSpec(grid={"depth": [20]}, preset="tiny", fixed=fixed, iwae_k=0)
-    out = tmp_path / "sw"
-    [entry] = submit_slurm(spec, out, SlurmSettings(time="10m"), environ={},
-                           log=lambda *a: None)
-    job, run = entry["job_id"], out / "depth020"
+    spec, out, job, run = _submit_one_run(tmp_path, max_epochs=6)
     deadline = time.monotonic() + 120
     while not (run / "checkpoints" / "last.pt").exists():
         assert time.monotonic() < deadline, "no checkpoint"

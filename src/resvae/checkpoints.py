@@ -239,7 +239,7 @@ def save_pretrained(vae: BaseVAE, cfg: RunConfig, out_dir: str | os.PathLike) ->
 
 def _load_exported(path: Path, device) -> tuple[BaseVAE, RunConfig]:
     meta = read_json(path / EXPORTED_CONFIG)
-    if not isinstance(meta, dict) or meta.get("format") != "resvae" or "config" not in meta:
+    if meta.get("format") != "resvae" or "config" not in meta:
         raise RunError(f"{path / EXPORTED_CONFIG}: not an exported resvae config (no "
                          "\"format\": \"resvae\" and \"config\")")
     cfg = from_dict(meta["config"], source=str(path / EXPORTED_CONFIG))

@@ -13,6 +13,7 @@ from .checkpoints import load_run, save_pretrained
 from .config import RunConfig, to_dict
 from .errors import ConfigError, MissingDependency, RunError
 from .files import atomic_write, check_output
+from .runs import read_json
 from .vae import eval_mode
 from .vae_base import BaseVAE
 
@@ -53,13 +54,10 @@ def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
 def _check_own_files(out: Path) -> None:
     """--overwrite replaces an earlier export's config.json and model.safetensors, and nothing
     else: a config.json that is not a resvae export's (or weights beside none) is the user's."""
-    config = out / "config.json"
-    mine = False
-    if config.is_file():
-        try:
-            mine = json.loads(config.read_text()).get("format") == "resvae"
-        except (ValueError, AttributeError, OSError, UnicodeDecodeError):
-            mine = False
+    try:
+        mine = read_json(out / "config.json").get("format") == "resvae"
+    except (ValueError, OSError):  # missing, unreadable, not JSON, not an object
+        mine = False
     for name in ("config.json", "model.safetensors"):
         if (out / name).exists() and not mine:
             raise ConfigError(f"-o {out}: its {name} is not from a resvae export; not replaced, "

@@ -45,17 +45,13 @@ def check_output(path: str | os.PathLike, flag: str = "-o", *, folder: bool = Fa
     path = Path(path)
     if path.is_dir() and not folder:
         raise ConfigError(f"{flag} {path}: a folder; give the path of a file to write")
-    if path.exists() and not path.is_dir() and folder:
-        raise ConfigError(f"{flag} {path}: a file, not a folder")
-    for p in path.parents:
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"{flag} {path}: {p} is a file, not a folder")
-            where = path if folder and path.is_dir() else p
-            if not os.access(where, os.W_OK | os.X_OK):
-                raise ConfigError(f"{flag} {path}: cannot write in {where} (a read-only file "
-                                  "system, or no permission)")
-            break
+    # the nearest folder that exists: a folder output itself, else the one it is written into
+    nearest = next(p for p in ((path, *path.parents) if folder else path.parents) if p.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"{flag} {path}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {nearest} (a read-only file system, "
+                          "or no permission)")
     return path
 
 

@@ -54,12 +54,7 @@ FIGURES = ["curves", "loss_vs_depth", "degradation"]  # the HTML page embeds the
 
 def _read_optional(path: Path) -> dict:
     """A JSON record a run may not have (yet): {} when missing."""
-    if not path.exists():
-        return {}
-    record = runs.read_json(path)
-    if not isinstance(record, dict):
-        raise RunError(f"{path}: expected a JSON object, got a {type(record).__name__}")
-    return record
+    return runs.read_json(path) if path.exists() else {}
 
 
 def latest_samples(run_dir: str | Path) -> Path | None:

@@ -111,9 +111,6 @@ class SweepDir:
         if not self.status.exists():
             return {}
         status = read_json(self.status)
-        if not isinstance(status, dict):
-            raise RunError(f"{self.status}: expected a JSON object, got a "
-                           f"{type(status).__name__}")
         entries = status.get("runs", [])
         if not isinstance(entries, list):
             raise RunError(f"{self.status}: 'runs' must be a list, got {entries!r}")
@@ -150,12 +147,17 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON record resvae wrote (summary, eval, sweep.json, an export's config.json): one
+    object, or a RunError naming the file; a tampered or foreign file gets no further."""
     try:
-        return json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise RunNotFound(f"{path}: not found") from None
     except json.JSONDecodeError as e:
         raise RunError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise RunError(f"{path}: expected a JSON object, got a {type(record).__name__}")
+    return record
 
 
 def read_summary(run_dir) -> dict:

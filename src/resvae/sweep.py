@@ -38,6 +38,7 @@ from .config import (
     resolve,
     to_dict,
 )
+from .files import check_output
 from .runs import (
     RunDir,
     RunLock,
@@ -353,13 +354,9 @@ def _visible_gpus() -> list[str]:
 
 
 def _check_sweep_dir(sweep_dir: Path) -> None:
-    """--out must be a folder, or a path one can be made at (not a file, nor under one), and not
-    a training run (its runs would be mixed into that run's files)."""
-    for p in (sweep_dir, *sweep_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"--out {sweep_dir}: {p} is a file, not a folder")
-            break
+    """--out must be a folder, or a path one can be made at (files.check_output), and not a
+    training run (its runs would be mixed into that run's files)."""
+    check_output(sweep_dir, "--out", folder=True)
     if RunDir(sweep_dir).config.is_file() or RunDir(sweep_dir).checkpoint("last").exists():
         raise ConfigError(f"--out {sweep_dir}: holds a training run (config.json), not a sweep; "
                           "choose another folder")
