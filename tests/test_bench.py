@@ -176,6 +176,8 @@ def test_runner_steps_update_the_ema_as_training_does():
     assert B.config_variant(cfg(0.9)) == B.Variant(bf16=True, channels_last=True)
     assert B.config_variant(replace(cfg(0.9), train=replace(cfg(0.9).train, guard="device"))) \
         == B.Variant(bf16=True, channels_last=True, fused=True, devguard=True)
+    tuned = replace(cfg(0.9).train, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert B.config_variant(replace(cfg(0.9), train=tuned)).name == "bf16+cl+autotune"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -184,6 +186,7 @@ def test_runner_steps_update_the_ema_as_training_does():
     ("fused+fp32", B.Variant(fused=True)),
     ("bf16+nosync", B.Variant(bf16=True, nosync=True)),
     ("bf16+devguard", B.Variant(bf16=True, fused=True, devguard=True)),
+    ("bf16+cl+autotune", B.Variant(bf16=True, channels_last=True, compiled=True, autotune=True)),
 ])
 def test_parse_variant(text, expected):
     assert B.parse_variant(text) == expected

@@ -335,6 +335,15 @@ def test_stochastic_layers_range():
     assert _resolve(overrides={"arch": "hier", "stochastic_layers": 1}).model.stochastic_layers == 1
 
 
+def test_compile_mode_needs_compile():
+    with pytest.raises(ConfigError, match=r"compile_mode \(from --compile-mode\): expected 'default' without --compile"):
+        _resolve(overrides={"compile_mode": "max-autotune-no-cudagraphs"})
+    with pytest.raises(ConfigError, match="compile_mode.*expected one of default, max-autotune-no-cudagraphs, got 'max-autotune'"):
+        _resolve(overrides={"compile": True, "compile_mode": "max-autotune"})
+    cfg = _resolve(overrides={"compile": True, "compile_mode": "max-autotune-no-cudagraphs"})
+    assert cfg.train.compile_mode == "max-autotune-no-cudagraphs"
+
+
 # -- presets ----------------------------------------------------------------------------------
 
 def test_preset_names():

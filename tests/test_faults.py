@@ -156,6 +156,9 @@ def test_cpu_preset_with_max_epochs_resumes_exactly(tmp_path):
     sb = train_small(cfg(), b, resume=True)
     assert_same_run(a, b)
     assert sa["lr_follows_clock"] is False and sb["test_loss"] == sa["test_loss"]
+    # the peak memory the README's targets quote (issue 20: under 4 GiB), as `time -v` says it
+    import resource
+    assert 0 < sa["peak_rss_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def test_sigint_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from resvae import build_vae, load_run
 from resvae.checkpoints import save_pretrained
 from resvae.cli import main
 from resvae.config import ConfigError, resolve
-from resvae.evaluate import active_units, eval_run
+from resvae.evaluate import active_mask, active_units, active_units_per_group, eval_run
 from resvae.generate import interpolate_run, interpolations, reconstruct_run, sample_run
 from resvae.hier import HierVAE, LatentGroup, hier_layout, level_sizes
 from resvae.nets import count_layers
@@ -243,6 +243,12 @@ def test_active_units_over_the_flat_code_in_batches():
         expected = int((var > threshold).sum())
         assert active_units(vae, images, batch_size=5, threshold=threshold) == expected
     assert 0 < int((var > 0.01).sum()) < vae.latent_dim
+    # per group: the flat code split at the groups' sizes, top group first
+    mask = active_mask(vae, images, batch_size=5)
+    sizes = [math.prod(s) for s in vae.decoder.group_shapes]
+    per_group = active_units_per_group(vae, mask)
+    assert per_group == [int(m.sum()) for m in (var > 0.01).split(sizes)]
+    assert len(per_group) == vae.n_groups and sum(per_group) == active_units(vae, images)
 
 
 # ----------------------------------------------------------------------------- training

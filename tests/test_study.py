@@ -8,6 +8,7 @@ import copy
 import csv
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,44 @@ def test_sweep_file(tmp_path):
     f.write_text('preset = "tiny"\nbudget = "1m"\n[grid]\ndepth = [20]\n')
     with pytest.raises(ValueError, match=r"unknown sweep key.*budget.*\[set\]"):
         load_sweep_file(f)
+
+
+def test_sweep_file_of_several_grids_runs_their_union(tmp_path):
+    # [[grid]]: axes that are not a product (groups at fixed blocks, blocks at fixed groups)
+    f = tmp_path / "s.toml"
+    f.write_text('preset = "tiny"\n[[grid]]\ndepth = [20]\nshortcut = ["identity", "none"]\n'
+                 '[[grid]]\ndepth = [20, 24]\nshortcut = ["none"]\n'
+                 '[set]\nsubset = 64\nmax_epochs = 1\n')
+    spec = load_sweep_file(f)
+    # the point in both tables (depth 20, none) runs once, in its first table's place
+    assert spec.points() == [{"depth": 20, "shortcut": "identity"},
+                             {"depth": 20, "shortcut": "none"}, {"depth": 24, "shortcut": "none"}]
+    spec.set_axis("seed", [0, 1])  # --seeds: in every table
+    assert len(spec.points()) == 6 and spec.keys == ["depth", "shortcut", "seed"]
+    f.write_text('preset = "tiny"\n[[grid]]\ndepth = [20]\n[[grid]]\nshortcut = ["none"]\n')
+    with pytest.raises(ValueError, match=r"s.toml: every \[\[grid\]\] table must list the same "
+                                         r"keys in the same order: \['depth'\] and \['shortcut'\]"):
+        load_sweep_file(f)
+    f.write_text('preset = "tiny"\n[[grid]]\ndepth = [20]\n[[grid]]\ndepth = []\n')
+    with pytest.raises(ValueError, match="must map config keys to non-empty lists"):
+        load_sweep_file(f)
+    f.write_text('preset = "tiny"\n[[grid]]\ndepth = [20]\n[[grid]]\ndetph = [20]\n')
+    with pytest.raises(ValueError, match="same keys"):
+        load_sweep_file(f)
+
+
+def test_the_stochastic_depth_sweep_holds_blocks_or_groups_fixed():
+    # sweeps/cpu-stochastic-depth.toml: groups 1-20 at 9 residual blocks, blocks 6/9/18 at 10
+    # groups, 3 seeds each, every model reachable (plan builds each on the meta device)
+    from resvae.sweep import plan
+    spec = load_sweep_file(Path(__file__).resolve().parents[1] / "sweeps"
+                           / "cpu-stochastic-depth.toml")
+    runs = plan(spec, environ={})
+    pairs = {(c.model.stochastic_layers, (c.model.depth - 2 - 2 * c.model.stochastic_layers) // 2)
+             for _, c in runs}
+    assert pairs == {(1, 9), (2, 9), (5, 9), (10, 9), (20, 9), (10, 6), (10, 18)}
+    assert len(runs) == 21 and {c.train.seed for _, c in runs} == {0, 1, 2}
+    assert {(c.train.max_epochs, c.data.subset) for _, c in runs} == {(1, 0)}
 
 
 @pytest.mark.slow

@@ -37,12 +37,13 @@ MATMUL_SIZE = 2048
 ROUNDS = 5  # each variant is timed once per round; the median round is reported
 WARMUP_STEPS = 3  # allocator, kernel choice, and compiling (a compiled step may retrace once)
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training set: (50000, 3, 32, 32) uint8
-TOKENS = ("fp32", "bf16", "cl", "compiled", "fused", "nosync", "devguard")
+TOKENS = ("fp32", "bf16", "cl", "compiled", "autotune", "fused", "nosync", "devguard")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """How the step runs: bf16 autocast, channels_last, torch.compile, fused Adam, `devguard`
+    """How the step runs: bf16 autocast, channels_last, torch.compile (`autotune`: in mode
+    max-autotune-no-cudagraphs, which implies compiled), fused Adam, `devguard`
     (--guard device: the skip guard decided on the device, with fused Adam) and `nosync`:
     without any skip guard (every update applied unchecked; what the guard's host sync costs,
     not a way to train). `naive` is the baseline: eager fp32 NCHW, default Adam, each image
@@ -51,6 +52,7 @@ class Variant:
     bf16: bool = False
     channels_last: bool = False
     compiled: bool = False
+    autotune: bool = False
     fused: bool = False
     nosync: bool = False
     devguard: bool = False
@@ -60,14 +62,15 @@ class Variant:
     def name(self) -> str:
         if self.naive:
             return "baseline"
-        flags = (("cl", self.channels_last), ("compiled", self.compiled), ("fused", self.fused),
+        flags = (("cl", self.channels_last), ("compiled", self.compiled and not self.autotune),
+                 ("autotune", self.autotune), ("fused", self.fused),
                  ("nosync", self.nosync), ("devguard", self.devguard))
         return "+".join(["bf16" if self.bf16 else "fp32"] + [t for t, on in flags if on])
 
 
 def parse_variant(text: str) -> Variant:
-    """'bf16+cl+compiled' -> Variant; tokens: fp32 or bf16, cl, compiled, fused, nosync,
-    devguard."""
+    """'bf16+cl+compiled' -> Variant; tokens: fp32 or bf16, cl, compiled, autotune (compiled in
+    mode max-autotune-no-cudagraphs), fused, nosync, devguard."""
     tokens = [t.strip() for t in text.split("+")]
     bad = [t for t in tokens if t not in TOKENS]
     if bad or ("fp32" in tokens and "bf16" in tokens) or {"nosync", "devguard"} <= set(tokens):
@@ -75,7 +78,8 @@ def parse_variant(text: str) -> Variant:
                          f"{', '.join(TOKENS)} (fp32 or bf16, not both; nosync or devguard, not "
                          "both), e.g. bf16+cl+compiled")
     devguard = "devguard" in tokens  # decides through fused Adam's found_inf: implies fused
-    return Variant("bf16" in tokens, "cl" in tokens, "compiled" in tokens,
+    autotune = "autotune" in tokens
+    return Variant("bf16" in tokens, "cl" in tokens, "compiled" in tokens or autotune, autotune,
                    "fused" in tokens or devguard, "nosync" in tokens, devguard)
 
 
@@ -83,8 +87,9 @@ def config_variant(cfg: RunConfig) -> Variant:
     """The variant `resvae train` with this config runs."""
     tc = cfg.train
     device_guard = tc.guard == "device"
-    return Variant(tc.precision == "bf16", tc.channels_last, tc.compile, fused=device_guard,
-                   devguard=device_guard)
+    return Variant(tc.precision == "bf16", tc.channels_last, tc.compile,
+                   tc.compile and tc.compile_mode == "max-autotune-no-cudagraphs",
+                   fused=device_guard, devguard=device_guard)
 
 
 def bench_images(cfg: RunConfig, synthetic: bool) -> np.ndarray:
@@ -169,8 +174,10 @@ class Runner:
                               device.type)
         # training's recipe (every variant starts from the same weights), with the variant's
         # precision, layout, compilation, Adam and guard
+        mode = "max-autotune-no-cudagraphs" if variant.autotune else "default"
         m = prepare_model(cfg, images.shape[1:], device, precision, compiled=variant.compiled,
-                          fused=True if variant.fused else None, guard=self.guard)
+                          compile_mode=mode, fused=True if variant.fused else None,
+                          guard=self.guard)
         self.vae, self.ema, self.opt, self.precision = m.vae, m.ema, m.opt, m.precision
         if variant.naive:
             self.inputs = _naive_batches(images, tc.batch_size, tc.seed, device)

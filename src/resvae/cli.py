@@ -260,11 +260,11 @@ def cmd_sweep(args) -> int:
                          fixed=fixed)
         default_out = Path("runs") / f"sweep-{args.preset or 'default'}"
     if args.depths and args.file:
-        spec.grid["depth"] = args.depths
+        spec.set_axis("depth", args.depths)
     if args.shortcut:
-        spec.grid["shortcut"] = args.shortcut
+        spec.set_axis("shortcut", args.shortcut)
     if args.seeds:  # last: run names end in -seed<N>, and the report pools them per grid point
-        spec.grid["seed"] = args.seeds
+        spec.set_axis("seed", args.seeds)
     for key in ("budget_per_run", "iwae_k", "iwae_n"):
         if getattr(args, key) is not None:
             setattr(spec, key, getattr(args, key))
@@ -316,7 +316,8 @@ def _sweep_status(sweep_dir: Path) -> int:
 # The settings a training step depends on; the rest of [train] (schedules, budget, logging)
 # never runs in a benchmark.
 BENCH_TRAIN_KEYS = ("batch_size", "lr", "betas", "weight_decay", "grad_clip", "skip_threshold",
-                    "free_bits", "seed", "device", "precision", "channels_last", "compile", "ema")
+                    "free_bits", "seed", "device", "precision", "channels_last", "compile", "compile_mode",
+                    "ema")
 
 
 def _bench_keys() -> list[str]:
@@ -382,6 +383,9 @@ def cmd_eval(args) -> int:
         print(line)
     print(f"{'active units':>15}: {r['active_units']} of {r['latent_dim']} (posterior mean "
           f"varies over the data)")
+    if r.get("active_units_per_group"):
+        print(f"{'per group':>15}: {', '.join(map(str, r['active_units_per_group']))} (top "
+              "group first)")
     print(f"({r['split']} split, {r['n_images']} images; losses: lower is better, {unit} "
           "per image / dimension)")
     return 0

@@ -39,6 +39,7 @@ CHOICES = {
     "arch": tuple(ARCHS), "likelihood": tuple(LIKELIHOODS), "block": tuple(BLOCKS),
     "shortcut": SHORTCUTS, "upsample": UPSAMPLE, "precision": ("fp32", "bf16"),
     "lr_schedule": ("constant", "cosine"), "guard": ("host", "device"),
+    "compile_mode": ("default", "max-autotune-no-cudagraphs"),
     "dataset": DATASETS,
 }
 
@@ -329,6 +330,12 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model's forward for training and "
                             "evaluation (on CPU it needs a C compiler); checkpoints load into an "
                             "uncompiled model")
+    compile_mode: str = setting(
+        "default", "torch.compile's mode with --compile", choices=CHOICES["compile_mode"],
+        choice_help={
+            "default": "fuses the elementwise ops around the convolutions; compiles in seconds",
+            "max-autotune-no-cudagraphs": "also times candidate kernels for each matmul and "
+                                          "convolution and keeps the fastest: a slower compile"})
 
 
 @dataclass
@@ -537,6 +544,8 @@ def validate(cfg: RunConfig, sources: Mapping[str, str] | None = None) -> None:
         ("stochastic_layers", v["arch"] == "hier" or v["stochastic_layers"] == _FIELDS[
             "stochastic_layers"][2], f"its default {_FIELDS['stochastic_layers'][2]} with arch "
          f"{v['arch']!r} (only arch 'hier' has several stochastic layers)"),
+        ("compile_mode", v["compile"] or v["compile_mode"] == "default",
+         "'default' without --compile (a mode of a compile that does not happen)"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -124,10 +124,11 @@ def elbo_and_iwae(vae: BaseVAE, images: np.ndarray, k: int, *, batch_size: int =
 
 
 @torch.no_grad()
-def active_units(vae: BaseVAE, images: np.ndarray, *, batch_size: int = 500, device="cpu",
-                 threshold: float = 0.01) -> int:
-    """Latent dimensions whose posterior mean varies over the data: Var_x E_q[z_i|x] > 0.01
-    (Burda et al. 2016). The rest carry no information about x (posterior collapse).
+def active_mask(vae: BaseVAE, images: np.ndarray, *, batch_size: int = 500, device="cpu",
+                threshold: float = 0.01) -> torch.Tensor:
+    """Which latent dimensions are active, (latent_dim,) bool: those whose posterior mean varies
+    over the data, Var_x E_q[z_i|x] > 0.01 (Burda et al. 2016). The rest carry no information
+    about x (posterior collapse).
 
     The variance is accumulated batch by batch (Chan et al. 1979), so memory stays one batch of
     codes: a hierarchical VAE's code has tens of thousands of units per image."""
@@ -141,7 +142,21 @@ def active_units(vae: BaseVAE, images: np.ndarray, *, batch_size: int = 500, dev
             mean = mean + delta * b / (n + b)
             m2 = m2 + (z - z_mean).square().sum(0) + delta.square() * n * b / (n + b)
             n += b
-    return int((m2 / (n - 1) > threshold).sum())
+    return m2 / (n - 1) > threshold
+
+
+def active_units(vae: BaseVAE, images: np.ndarray, **kw) -> int:
+    """The number of active latent dimensions (`active_mask`)."""
+    return int(active_mask(vae, images, **kw).sum())
+
+
+def active_units_per_group(vae: BaseVAE, mask: torch.Tensor) -> list[int] | None:
+    """A hierarchical VAE's active units per latent group, top group first (its code is the
+    groups' latents concatenated in that order); None for a VAE with one latent layer."""
+    shapes = getattr(vae.decoder, "group_shapes", None)
+    if shapes is None:
+        return None
+    return [int(m.sum()) for m in mask.split([math.prod(s) for s in shapes])]
 
 
 # `resvae eval`'s default image count: k=1000 importance samples took 2.2 s an image for the cpu
@@ -168,15 +183,19 @@ def eval_run(run_dir: str | Path, *, k: int = 1000, split: str = "test", n: int 
     if n > 0:
         # evenly spaced, not the first n: test splits are often sorted by class
         images = images[np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)]
+    mask = active_mask(vae, images, device=device)
     result = {"split": split, "weights": which, "seed": seed,
               **elbo_and_iwae(vae, images, k, batch_size=batch_size, device=device, seed=seed,
                               progress=progress),
-              "active_units": active_units(vae, images, device=device),
-              "latent_dim": vae.latent_dim}
+              "active_units": int(mask.sum()), "latent_dim": vae.latent_dim}
+    per_group = active_units_per_group(vae, mask)
+    if per_group is not None:  # hier: which groups carry information
+        result["active_units_per_group"] = per_group
     if write:  # beside the weights' run: RUN_DIR/eval.json, also for RUN_DIR/checkpoints/x.safetensors
         p = Path(run_dir)
         write_json(RunDir(p if p.is_dir() else p.parent.parent).eval, result)
     return result
 
 
-__all__ = ["EVAL_N", "evaluate", "recalibrate_batchnorm", "elbo_and_iwae", "active_units", "eval_run"]
+__all__ = ["EVAL_N", "evaluate", "recalibrate_batchnorm", "elbo_and_iwae", "active_mask",
+           "active_units", "active_units_per_group", "eval_run"]

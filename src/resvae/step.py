@@ -140,12 +140,13 @@ class Prepared:
 
 def prepare_model(cfg, image_shape: tuple, device: torch.device, precision: Precision, *,
                   rt: D.Runtime | None = None, compiled: bool | None = None,
-                  fused: bool | None = None, guard: str | None = None) -> Prepared:
+                  compile_mode: str | None = None, fused: bool | None = None,
+                  guard: str | None = None) -> Prepared:
     """The one recipe `train` and `resvae bench` ready a model by: built from `cfg` after
     seeding (the same init on every rank, and in every bench variant), in `precision`'s layout,
-    DDP-wrapped when given a runtime `rt`, its --ema average, compiled in place (`compiled`,
-    default --compile), and its Adam (`fused` and `guard` as `make_optimizer` and
-    `training_step` take them; default --guard)."""
+    DDP-wrapped when given a runtime `rt`, its --ema average, compiled in place (`compiled` and
+    `compile_mode`, default --compile and --compile-mode), and its Adam (`fused` and `guard` as
+    `make_optimizer` and `training_step` take them; default --guard)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     vae = build_from_config(cfg, tuple(image_shape)).to(device)
@@ -159,7 +160,7 @@ def prepare_model(cfg, image_shape: tuple, device: torch.device, precision: Prec
     if tc.compile if compiled is None else compiled:
         # In place: the forward (training and evaluation, through DDP too) is compiled, while
         # `vae` stays the plain module whose state_dict keys carry no `_orig_mod.` prefix.
-        vae.compile()
+        vae.compile(mode=compile_mode or tc.compile_mode)
     opt = make_optimizer(vae, tc if guard is None else replace(tc, guard=guard), fused=fused)
     return Prepared(model, vae, ema, opt, precision)
 

@@ -58,7 +58,9 @@ SWEEP_FILE_KEYS = {"preset", "config", "out", "grid", "set", "budget_per_run", "
 class SweepSpec:
     """A grid over config keys, on top of a preset / config file / fixed overrides."""
 
-    grid: dict[str, list]  # key -> values; the runs are the product, in this order
+    # key -> values; the runs are the product, in this order. Or a list of such tables (a sweep
+    # file's [[grid]]): the runs are the union of their products, a point listed twice run once.
+    grid: dict[str, list] | list[dict[str, list]]
     preset: str | None = None
     config: str | None = None
     fixed: dict[str, object] = field(default_factory=dict)  # flags / [set] keys
@@ -69,8 +71,23 @@ class SweepSpec:
     launcher: dict = field(default_factory=dict)  # a sweep file's [launcher] table (slurm.py)
 
     def points(self) -> list[dict]:
-        keys = list(self.grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
+        points: list[dict] = []
+        for grid in self.grid if isinstance(self.grid, list) else [self.grid]:
+            keys = list(grid)
+            points += [p for p in (dict(zip(keys, values))
+                                   for values in itertools.product(*grid.values()))
+                       if p not in points]
+        return points
+
+    def set_axis(self, key: str, values: list) -> None:
+        """One axis from the command line (--depths, --shortcut, --seeds), in every table."""
+        for grid in self.grid if isinstance(self.grid, list) else [self.grid]:
+            grid[key] = list(values)
+
+    @property
+    def keys(self) -> list[str]:
+        """The grid's config keys (every table of a [[grid]] has the same ones)."""
+        return list(self.grid[0] if isinstance(self.grid, list) else self.grid)
 
 
 def run_name(point: Mapping) -> str:
@@ -94,7 +111,8 @@ def run_name(point: Mapping) -> str:
 
 def load_sweep_file(path: str | Path) -> SweepSpec:
     """A sweep kept as a file: top-level preset/config/budget_per_run/iwae_k/iwae_n, a [grid]
-    table of lists and a [set] table of fixed settings (any config keys)."""
+    table of lists (or several [[grid]] tables: the union of their products) and a [set] table
+    of fixed settings (any config keys)."""
     d = load_toml(path)
     unknown = sorted(set(d) - SWEEP_FILE_KEYS)
     if unknown:
@@ -102,12 +120,21 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
                           f"{', '.join(sorted(SWEEP_FILE_KEYS))} (config keys go in [set])")
     _check_file_values(d, path)
     grid = d.get("grid") or {}
-    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{path}: [grid] must map config keys to non-empty lists, got {grid!r}")
+    tables = grid if isinstance(grid, list) else [grid]
+    for table in tables:
+        if not (isinstance(table, dict) and table
+                and all(isinstance(v, list) and v for v in table.values())):
+            raise ConfigError(f"{path}: [grid] must map config keys to non-empty lists, got "
+                              f"{table!r}")
+        if list(table) != list(tables[0]):
+            # one set of columns for the report, and run names that read alike
+            raise ConfigError(f"{path}: every [[grid]] table must list the same keys in the "
+                              f"same order: {list(tables[0])} and {list(table)}")
     fixed = dict(d.get("set") or {})
     # unknown keys and wrong types, named with the file they are in (not as flags)
     apply_dict(RunConfig(), fixed, f"{path} [set]")
-    apply_dict(RunConfig(), {k: v[0] for k, v in grid.items()}, f"{path} [grid]")
+    for table in tables:
+        apply_dict(RunConfig(), {k: v[0] for k, v in table.items()}, f"{path} [grid]")
     return SweepSpec(grid=grid, preset=d.get("preset"), config=d.get("config"),
                      fixed=fixed, budget_per_run=d.get("budget_per_run", ""),
                      iwae_k=d.get("iwae_k", 100), iwae_n=d.get("iwae_n", 1000),
@@ -124,6 +151,8 @@ def _check_file_values(d: dict, path) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"{path}: {key} = {v!r}: expected an integer >= 0")
     for key in ("grid", "set", "launcher"):
+        if key == "grid" and isinstance(d.get(key), list):
+            continue  # [[grid]]: a list of tables, checked by load_sweep_file
         if key in d and not isinstance(d[key], dict):
             raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {d[key]!r}")
     if d.get("budget_per_run"):
@@ -136,7 +165,7 @@ def _check_file_values(d: dict, path) -> None:
 def plan(spec: SweepSpec, environ: Mapping[str, str] | None = None) -> list[tuple[str, RunConfig]]:
     """Resolve every run's config up front, so a bad grid fails before anything trains."""
     flat = fields_flat()
-    for key in spec.grid:
+    for key in spec.keys:
         if key not in flat:
             raise ConfigError(f"sweep grid: unknown config key {key!r}")
     runs = []

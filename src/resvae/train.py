@@ -623,6 +623,17 @@ def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
     return summary
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (its high-water mark, as `time -v` reports
+    it); None where the OS does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+
+
 def _summary(s: Session, state: TrainState, stop_reason: str | None) -> dict:
     summary = {
         "stop_reason": stop_reason, "epochs": state.epoch, "steps": state.step,
@@ -638,7 +649,8 @@ def _summary(s: Session, state: TrainState, stop_reason: str | None) -> dict:
         else state.early.best if state.best_epoch else None,
         "skipped_updates": state.skipped_total, "world_size": s.rt.world_size,
         # a clock-driven lr (step.schedule_follows_clock): not reproducible bit for bit
-        "lr_follows_clock": schedule_follows_clock(s.cfg.train)}
+        "lr_follows_clock": schedule_follows_clock(s.cfg.train),
+        "peak_rss_bytes": peak_rss_bytes()}
     summary["account"] = run_account(summary, best_is_cut=s.partial_best is not None)
     return summary
 

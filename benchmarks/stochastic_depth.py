@@ -1,0 +1,126 @@
+"""The README's stochastic-depth table and figure, from a finished
+`sweeps/cpu-stochastic-depth.toml` sweep's own files (config.json, summary.json, metrics.jsonl
+and eval.json of each run):
+
+    python benchmarks/stochastic_depth.py runs/sweep-cpu-stochastic-depth \
+        -o docs/stochastic-depth.png
+
+One row per grid point (latent groups x residual blocks), over its seeds: test bits/dim (mean
+and 95% t interval), active units per group (mean over seeds, top group first), parameters,
+GFLOP per image (one forward pass, the negative ELBO: `summary.json`'s flops_per_image, counted
+by `resvae.vae.model_info`; a training step is about 3x that) and images/s (mean over the seeds' epochs: depends on the machine's speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from resvae.report import mean_ci
+from resvae.runs import read_config, read_json, read_metrics, read_summary
+
+
+def run_record(run_dir: Path) -> dict:
+    cfg, s = read_config(run_dir), read_summary(run_dir)
+    ev = read_json(run_dir / "eval.json")
+    rates = [r["images_per_s"] for r in read_metrics(run_dir) if not r.get("partial")]
+    if not rates:
+        raise SystemExit(f"{run_dir}: no finished epoch in metrics.jsonl")
+    groups = cfg.model.stochastic_layers
+    return {"groups": groups, "blocks": (s["layers"] - 2 - 2 * groups) // 2,
+            "depth": cfg.model.depth, "seed": cfg.train.seed, "test_bpd": s["test_bpd"],
+            "params": s["params"], "gflop": s["flops_per_image"] / 1e9,
+            "images_per_s": sum(rates) / len(rates), "images_seen": s["images_seen"],
+            "active": ev.get("active_units_per_group"), "active_of": ev.get("n_images")}
+
+
+def points(records: list[dict]) -> list[dict]:
+    by_point: dict[tuple, list[dict]] = {}
+    for r in records:
+        by_point.setdefault((r["groups"], r["blocks"]), []).append(r)
+    out = []
+    for (groups, blocks), rs in sorted(by_point.items()):
+        if len({r["images_seen"] for r in rs}) != 1:
+            raise SystemExit(f"groups {groups}, blocks {blocks}: the seeds saw different numbers "
+                             "of images; not an equal-images comparison")
+        active = [r["active"] for r in rs if r["active"]]
+        out.append({"groups": groups, "blocks": blocks, "depth": rs[0]["depth"],
+                    "seeds": sorted(r["seed"] for r in rs),
+                    "bpd": mean_ci([r["test_bpd"] for r in rs]),
+                    "active": ([sum(a[i] for a in active) / len(active)
+                                for i in range(len(active[0]))] if active else None),
+                    "params": rs[0]["params"], "gflop": rs[0]["gflop"],
+                    "images_per_s": sum(r["images_per_s"] for r in rs) / len(rs),
+                    "images_seen": rs[0]["images_seen"]})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| latent groups | residual blocks | depth | seeds | test bits/dim, mean [95% CI] | "
+             "active units per group (of 16 x h x w; top first) | parameters | GFLOP/image | "
+             "images/s * |",
+             "|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        b = r["bpd"]
+        ci = (f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]"
+              if b["ci_low"] is not None else f"{b['mean']:.3f}")
+        active = ", ".join(f"{a:.0f}" for a in r["active"]) if r["active"] else "-"
+        lines.append(f"| {r['groups']} | {r['blocks']} | {r['depth']} | {len(r['seeds'])} | "
+                     f"{ci} | {active} | {r['params']:,} | {r['gflop']:.3f} | "
+                     f"{r['images_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from resvae.files import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    blocks = sorted({r["blocks"] for r in rows}, key=lambda b: -sum(r["blocks"] == b for r in rows))
+    groups = sorted({r["groups"] for r in rows}, key=lambda g: -sum(r["groups"] == g for r in rows))
+    axes = [("latent groups (at %d blocks)" % blocks[0],
+             [r for r in rows if r["blocks"] == blocks[0]], "groups", "o-"),
+            ("residual blocks (at %d groups)" % groups[0],
+             [r for r in rows if r["groups"] == groups[0]], "blocks", "s--")]
+    for label, rs, key, style in axes:
+        rs = sorted(rs, key=lambda r: r["gflop"])
+        x = [r["gflop"] for r in rs]
+        y = [r["bpd"]["mean"] for r in rs]
+        err = [[r["bpd"]["mean"] - (r["bpd"]["ci_low"] or r["bpd"]["mean"]) for r in rs],
+               [(r["bpd"]["ci_high"] or r["bpd"]["mean"]) - r["bpd"]["mean"] for r in rs]]
+        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label="more " + label)
+        for r in rs:
+            ax.annotate(str(r[key]), (r["gflop"], r["bpd"]["mean"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("GFLOP per image (forward)")
+    ax.set_ylabel("test bits/dim after one epoch (mean, 95% CI)")
+    ax.set_title("Stochastic vs deterministic depth, equal images")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("-o", "--out", type=Path, help="also draw the figure into this PNG")
+    args = ap.parse_args(argv)
+    runs = sorted(p.parent for p in args.sweep_dir.glob("*/summary.json"))
+    if not runs:
+        print(f"{args.sweep_dir}: no finished run (no */summary.json)", file=sys.stderr)
+        return 2
+    rows = points([run_record(r) for r in runs])
+    print(table(rows))
+    if args.out:
+        figure(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
