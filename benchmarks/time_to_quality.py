@@ -60,14 +60,14 @@ def changes(command: list[str]) -> str:
 
 
 def candidates(runs: list[Path]) -> str:
-    rows = ["| run | change | images/s (per epoch) | images seen | training minutes | "
-            "test bits/dim | peak RSS |", "|---|---|---|---:|---:|---:|---:|"]
+    rows = ["| run | change | images/s (per epoch) | images seen | updates (skipped) | "
+            "training minutes | test bits/dim | peak RSS |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for run in runs:
         s = read_summary(run)
         rates = ", ".join(f"{r['images_per_s']:.0f}" for r in read_metrics(run))
         rss = s.get("peak_rss_bytes")
         rows.append(f"| `{run.name}` | {changes(s['command'])} | {rates} | {s['images_seen']:,} | "
-                    f"{s['training_seconds'] / 60:.1f} | {s['test_bpd']:.3f} | "
+                    f"{s['steps']:,} ({s['skipped_updates']}) | {s['training_seconds'] / 60:.1f} | {s['test_bpd']:.3f} | "
                     + (f"{rss / 2**30:.2f} GiB |" if rss else "- |"))
     return "\n".join(rows)
 
