@@ -4,8 +4,8 @@ and a figure of the validation bits/dim at each epoch's end against the training
     python benchmarks/time_to_quality.py runs/cpu runs/cpu-1h -o docs/time-to-quality.png
     python benchmarks/time_to_quality.py --candidates runs/cand-*   # one change per row
 
-`--candidates` prints the candidate table instead: each run's flags beyond its preset (from the
-command summary.json records), its images/s per epoch, images seen, minutes, test bits/dim and
+`--candidates` prints the candidate table instead: where each run's config differs from the
+first run's (the baseline), its images/s per epoch, updates (skipped ones), images seen, minutes, test bits/dim and
 peak memory (summary.json's peak_rss_bytes).
 
 Each run's `metrics.jsonl` holds, per epoch, `val_bpd` (the weights evaluated at that epoch's
@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resvae.runs import read_config, read_metrics, read_summary
+from resvae.runs import read_config, read_json, read_metrics, read_summary
 
 CODECS = {"PNG (optimize)": 5.99, "WebP lossless (method 6)": 4.18}
 # (training minutes, test bits/dim), issue 7: its raw weights after 10 and 60 minutes, its EMA
 # weights after 60
 VDVAE = {"raw": [(10.0, 4.64), (60.0, 3.57)], "EMA": [(60.0, 3.46)]}
-# flags every candidate shares: where the data and the run are, not what is trained
-_PLACE = {"--data-dir", "--out", "--preset"}
+# settings that say where the data and the run are, or how long, not what is trained
+_PLACE = {"data.data_dir", "data.download", "train.budget"}
 
 
 def table(runs: list[Path]) -> str:
@@ -47,28 +47,30 @@ def table(runs: list[Path]) -> str:
     return "\n".join(rows)
 
 
-def changes(command: list[str]) -> str:
-    """The flags of a `resvae train` command beyond --preset, --data-dir and --out."""
-    args, out, i = command[2:], [], 0
-    while i < len(args):
-        flag = args[i]
-        value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
-        if flag.split("=")[0] not in _PLACE:
-            out.append(flag if value is None else f"{flag} {value}")
-        i += 1 if value is None else 2
-    return " ".join(f"`{c}`" for c in out) or "none (the preset)"
+def changes(cfg: dict, base: dict) -> str:
+    """Where a run's resolved config (config.json) differs from the baseline run's: the settings
+    that change what is trained, not where its data and files are. A setting only one of them
+    has (added to resvae between them) is left out: it did not exist for the other."""
+    out = [f"{k}={v}" for sec in ("model", "data", "train") for k, v in cfg[sec].items()
+           if f"{sec}.{k}" not in _PLACE and k in base[sec] and v != base[sec][k]]
+    return " ".join(f"`{c}`" for c in out) or "none (the baseline)"
 
 
 def candidates(runs: list[Path]) -> str:
-    rows = ["| run | change | images/s (per epoch) | images seen | updates (skipped) | "
-            "training minutes | test bits/dim | peak RSS |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    rows = [f"| run | differs from `{runs[0].name}` | images/s (per epoch) | images seen | "
+            "updates (skipped) | training minutes | test bits/dim | peak RSS |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
+    base = read_json(runs[0] / "config.json")
     for run in runs:
         s = read_summary(run)
         rates = ", ".join(f"{r['images_per_s']:.0f}" for r in read_metrics(run))
-        rss = s.get("peak_rss_bytes")
-        rows.append(f"| `{run.name}` | {changes(s['command'])} | {rates} | {s['images_seen']:,} | "
-                    f"{s['steps']:,} ({s['skipped_updates']}) | {s['training_seconds'] / 60:.1f} | {s['test_bpd']:.3f} | "
-                    + (f"{rss / 2**30:.2f} GiB |" if rss else "- |"))
+        bpd = (f"diverged ({s['test_bpd']:.3f} at the stop)" if s["stop_reason"] == "non_finite"
+               else f"{s['test_bpd']:.3f}")
+        rss = f"{s['peak_rss_bytes'] / 2**30:.2f} GiB" if s.get("peak_rss_bytes") else "-"
+        cells = [f"`{run.name}`", changes(read_json(run / "config.json"), base), rates,
+                 f"{s['images_seen']:,}", f"{s['steps']:,} ({s['skipped_updates']})",
+                 f"{s['training_seconds'] / 60:.1f}", bpd, rss]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

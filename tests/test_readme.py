@@ -123,7 +123,8 @@ def test_readme_ten_minute_runs_table_is_the_runs_own_files():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     runs = sorted((ROOT / "docs" / "cpu-10m").iterdir())
-    assert len(runs) >= 3, "the spread needs at least three runs on different hours"
+    # issue 20: a speed-dependent number is quoted from at least two runs on different hours
+    assert len(runs) >= 2, "the spread needs at least two runs on different hours"
     hours = {json.loads((r / "history.jsonl").read_text().splitlines()[0])["started"][:13]
              for r in runs}
     assert len(hours) == len(runs)  # each run in its own hour
