@@ -12,6 +12,7 @@ on the same software (CPU, fp32).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def spread_table(run_dirs: list[Path]) -> str:
                    f"{min(rates):.0f}-{max(rates):.0f} | {s['images_seen']:,} | "
                    f"{s['epochs']}{partial} | {s['test_bpd']:.3f} |")
     out += ["", f"{len(bpds)} runs: test bits/dim {min(bpds):.3f}-{max(bpds):.3f} "
-                f"(median {sorted(bpds)[len(bpds) // 2]:.3f})."]
+                f"(median {statistics.median(bpds):.3f})."]
     return "\n".join(out)
 
 

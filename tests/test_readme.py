@@ -131,6 +131,22 @@ def test_readme_ten_minute_runs_table_is_the_runs_own_files():
     assert table.spread_table(runs) in README
 
 
+def test_readme_ten_minute_runs_trained_the_cpu_preset_of_now():
+    # the spread describes the README's first command: each kept run's resolved config must be
+    # the cpu preset's as it resolves today (where the data lies aside), so a preset change
+    # cannot leave the README quoting runs of another model or recipe
+    from resvae.config import resolve, to_dict
+
+    now = to_dict(resolve(preset="cpu", environ={}))
+    for run in sorted((ROOT / "docs" / "cpu-10m").iterdir()):
+        saved = json.loads((run / "config.json").read_text())
+        for sec in ("model", "train"):
+            assert saved[sec] == now[sec], f"{run.name} [{sec}]"
+        where = {"data_dir", "download"}
+        assert {k: v for k, v in saved["data"].items() if k not in where} == \
+            {k: v for k, v in now["data"].items() if k not in where}, run.name
+
+
 def test_every_test_docs_reliability_names_exists():
     # each row of docs/reliability.md names the test that tries it: that test must exist
     import ast
