@@ -58,7 +58,7 @@ def points(records: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| latent groups | residual blocks | depth | seeds | test bits/dim, mean [95% CI] | "
-             "active units per group (of 16 x h x w; top first) | parameters | GFLOP/image | "
+             "active units per group (top first) | parameters | GFLOP/image | "
              "images/s * |",
              "|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:

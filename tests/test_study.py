@@ -256,6 +256,34 @@ def test_the_stochastic_depth_sweep_holds_blocks_or_groups_fixed():
     assert {(c.train.max_epochs, c.data.subset) for _, c in runs} == {(1, 0)}
 
 
+def test_stochastic_depth_table_from_a_tiny_union_sweep(tmp_path):
+    # benchmarks/stochastic_depth.py on a real (tiny) [[grid]] sweep of hier nets: one row per
+    # (groups, blocks) point over its seeds, active units per group from each run's eval.json
+    import importlib.util
+
+    spec_file = importlib.util.spec_from_file_location(
+        "stochastic_depth", Path(__file__).resolve().parents[1] / "benchmarks" / "stochastic_depth.py")
+    sd = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(sd)
+    spec = SweepSpec(grid=[{"stochastic_layers": [1], "depth": [16], "seed": [0, 1]},
+                           {"stochastic_layers": [2], "depth": [18], "seed": [0]}],
+                     preset="tiny", iwae_k=2, iwae_n=8,
+                     fixed={"arch": "hier", "block": "basic", "width": 0.0625, "latent_dim": 4,
+                            "likelihood": "dlogistic", "subset": 32, "max_epochs": 1,
+                            "batch_size": 16, "sample_every": 0})
+    out = tmp_path / "sd"
+    assert [e["status"] for e in sweep(spec, out, environ={}, gpus=[], log=lambda *a: None)] \
+        == ["done"] * 3
+    rows = sd.points([sd.run_record(p.parent) for p in sorted(out.glob("*/summary.json"))])
+    assert [(r["groups"], r["blocks"], r["seeds"]) for r in rows] == [(1, 6, [0, 1]), (2, 6, [0])]
+    assert rows[0]["bpd"]["ci_low"] is not None and rows[1]["bpd"]["ci_low"] is None
+    assert [len(r["active"]) for r in rows] == [1, 2]  # one count per group, top first
+    table = sd.table(rows)
+    assert table.count("\n") == 3 and "| 2 | 6 | 18 | 1 |" in table
+    sd.figure(rows, tmp_path / "sd.png")
+    assert (tmp_path / "sd.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_sweep_one_run_per_gpu_in_subprocesses(tmp_path, monkeypatch):
     # The several-GPU path, exercised on CPU: two workers, each run a `resvae train` child.
