@@ -17,22 +17,25 @@ import argparse
 import sys
 from pathlib import Path
 
+from resvae.hier import hier_layout
 from resvae.report import mean_ci
-from resvae.runs import read_config, read_json, read_metrics, read_summary
+from resvae.runs import RunDir, read_config, read_json, read_metrics, read_summary
 
 
 def run_record(run_dir: Path) -> dict:
     cfg, s = read_config(run_dir), read_summary(run_dir)
-    ev = read_json(run_dir / "eval.json")
+    ev = read_json(RunDir(run_dir).eval)
     rates = [r["images_per_s"] for r in read_metrics(run_dir) if not r.get("partial")]
     if not rates:
         raise SystemExit(f"{run_dir}: no finished epoch in metrics.jsonl")
-    groups = cfg.model.stochastic_layers
-    return {"groups": groups, "blocks": (s["layers"] - 2 - 2 * groups) // 2,
-            "depth": cfg.model.depth, "seed": cfg.train.seed, "test_bpd": s["test_bpd"],
+    m = cfg.model
+    layout = hier_layout(m.depth, m.stochastic_layers, m.block)
+    return {"groups": m.stochastic_layers,
+            "blocks": sum(layout["encoder_blocks"]) + sum(layout["decoder_blocks"]),
+            "depth": m.depth, "seed": cfg.train.seed, "test_bpd": s["test_bpd"],
             "params": s["params"], "gflop": s["flops_per_image"] / 1e9,
             "images_per_s": sum(rates) / len(rates), "images_seen": s["images_seen"],
-            "active": ev.get("active_units_per_group"), "active_of": ev.get("n_images")}
+            "active": ev.get("active_units_per_group")}
 
 
 def points(records: list[dict]) -> list[dict]:

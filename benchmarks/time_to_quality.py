@@ -5,8 +5,8 @@ and a figure of the validation bits/dim at each epoch's end against the training
     python benchmarks/time_to_quality.py --candidates runs/cand-*   # one change per row
 
 `--candidates` prints the candidate table instead: where each run's config differs from the
-first run's (the baseline), its images/s per epoch, updates (skipped ones), images seen, minutes, test bits/dim and
-peak memory (summary.json's peak_rss_bytes).
+first run's (the baseline), its images/s per epoch, updates (skipped ones), images seen,
+minutes, test bits/dim and peak memory (summary.json's peak_rss_bytes).
 
 Each run's `metrics.jsonl` holds, per epoch, `val_bpd` (the weights evaluated at that epoch's
 end; on CIFAR-10 the validation split is the test split, as in the study) and `train_seconds`
@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resvae.runs import read_config, read_json, read_metrics, read_summary
+from resvae.config import RunConfig, to_dict
+from resvae.files import atomic_write
+from resvae.runs import read_config, read_metrics, read_summary
 
 CODECS = {"PNG (optimize)": 5.99, "WebP lossless (method 6)": 4.18}
 # (training minutes, test bits/dim), issue 7: its raw weights after 10 and 60 minutes, its EMA
@@ -47,12 +49,13 @@ def table(runs: list[Path]) -> str:
     return "\n".join(rows)
 
 
-def changes(cfg: dict, base: dict) -> str:
-    """Where a run's resolved config (config.json) differs from the baseline run's: the settings
-    that change what is trained, not where its data and files are. A setting only one of them
-    has (added to resvae between them) is left out: it did not exist for the other."""
-    out = [f"{k}={v}" for sec in ("model", "data", "train") for k, v in cfg[sec].items()
-           if f"{sec}.{k}" not in _PLACE and k in base[sec] and v != base[sec][k]]
+def changes(cfg: RunConfig, base: RunConfig) -> str:
+    """Where a run's resolved config differs from the baseline run's: the settings that change
+    what is trained, not where its data and files are (a setting added to resvae between the
+    two reads as its default in the older config.json, as resvae reads it)."""
+    a, b = to_dict(cfg), to_dict(base)
+    out = [f"{k}={v}" for sec in ("model", "data", "train") for k, v in a[sec].items()
+           if f"{sec}.{k}" not in _PLACE and v != b[sec][k]]
     return " ".join(f"`{c}`" for c in out) or "none (the baseline)"
 
 
@@ -60,14 +63,14 @@ def candidates(runs: list[Path]) -> str:
     rows = [f"| run | differs from `{runs[0].name}` | images/s (per epoch) | images seen | "
             "updates (skipped) | training minutes | test bits/dim | peak RSS |",
             "|---|---|---|---:|---:|---:|---:|---:|"]
-    base = read_json(runs[0] / "config.json")
+    base = read_config(runs[0])
     for run in runs:
         s = read_summary(run)
         rates = ", ".join(f"{r['images_per_s']:.0f}" for r in read_metrics(run))
         bpd = (f"diverged ({s['test_bpd']:.3f} at the stop)" if s["stop_reason"] == "non_finite"
                else f"{s['test_bpd']:.3f}")
         rss = f"{s['peak_rss_bytes'] / 2**30:.2f} GiB" if s.get("peak_rss_bytes") else "-"
-        cells = [f"`{run.name}`", changes(read_json(run / "config.json"), base), rates,
+        cells = [f"`{run.name}`", changes(read_config(run), base), rates,
                  f"{s['images_seen']:,}", f"{s['steps']:,} ({s['skipped_updates']})",
                  f"{s['training_seconds'] / 60:.1f}", bpd, rss]
         rows.append("| " + " | ".join(cells) + " |")
@@ -97,9 +100,7 @@ def figure(runs: list[Path], out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

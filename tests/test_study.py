@@ -248,9 +248,13 @@ def test_the_stochastic_depth_sweep_holds_blocks_or_groups_fixed():
     from resvae.sweep import plan
     spec = load_sweep_file(Path(__file__).resolve().parents[1] / "sweeps"
                            / "cpu-stochastic-depth.toml")
+    from resvae.hier import hier_layout
+
     runs = plan(spec, environ={})
-    pairs = {(c.model.stochastic_layers, (c.model.depth - 2 - 2 * c.model.stochastic_layers) // 2)
-             for _, c in runs}
+    layouts = [(c.model.stochastic_layers,
+                hier_layout(c.model.depth, c.model.stochastic_layers, c.model.block))
+               for _, c in runs]
+    pairs = {(g, sum(lay["encoder_blocks"]) + sum(lay["decoder_blocks"])) for g, lay in layouts}
     assert pairs == {(1, 9), (2, 9), (5, 9), (10, 9), (20, 9), (10, 6), (10, 18)}
     assert len(runs) == 21 and {c.train.seed for _, c in runs} == {0, 1, 2}
     assert {(c.train.max_epochs, c.data.subset) for _, c in runs} == {(1, 0)}

@@ -316,8 +316,8 @@ def _sweep_status(sweep_dir: Path) -> int:
 # The settings a training step depends on; the rest of [train] (schedules, budget, logging)
 # never runs in a benchmark.
 BENCH_TRAIN_KEYS = ("batch_size", "lr", "betas", "weight_decay", "grad_clip", "skip_threshold",
-                    "free_bits", "seed", "device", "precision", "channels_last", "compile", "compile_mode",
-                    "ema")
+                    "free_bits", "seed", "device", "precision", "channels_last", "compile",
+                    "compile_mode", "ema")
 
 
 def _bench_keys() -> list[str]:

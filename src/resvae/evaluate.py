@@ -19,6 +19,7 @@ from . import distributed as D
 from .checkpoints import load_run
 from .data import Splits, run_splits, to_input
 from .errors import ConfigError
+from .hier import HierVAE
 from .likelihoods import bits_per_dim
 from .runs import RunDir, write_json
 from .step import FP32, Precision
@@ -151,12 +152,11 @@ def active_units(vae: BaseVAE, images: np.ndarray, **kw) -> int:
 
 
 def active_units_per_group(vae: BaseVAE, mask: torch.Tensor) -> list[int] | None:
-    """A hierarchical VAE's active units per latent group, top group first (its code is the
-    groups' latents concatenated in that order); None for a VAE with one latent layer."""
-    shapes = getattr(vae.decoder, "group_shapes", None)
-    if shapes is None:
+    """A hierarchical VAE's active units per latent group, top group first (`HierVAE.split`
+    cuts its flat code into the groups); None for a VAE with one latent layer."""
+    if not isinstance(vae, HierVAE):
         return None
-    return [int(m.sum()) for m in mask.split([math.prod(s) for s in shapes])]
+    return [int(group.sum()) for group in vae.split(mask[None])]
 
 
 # `resvae eval`'s default image count: k=1000 importance samples took 2.2 s an image for the cpu

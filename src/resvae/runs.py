@@ -32,6 +32,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -500,6 +501,17 @@ def what_ran(vae: BaseVAE, rt: D.Runtime, argv) -> dict:
             "device": D.device_name(rt.device), "git_commit": git_commit(), "command": argv}
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (its high-water mark, as `time -v` reports
+    it; summary.json's peak_rss_bytes); None where the OS does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+
+
 @functools.cache
 def git_commit() -> str | None:
     """The commit of resvae's own source, with '+dirty' for uncommitted changes; None when it is
@@ -518,4 +530,4 @@ def git_commit() -> str | None:
         return None
 
 
-__all__ += ["what_ran", "git_commit"]
+__all__ += ["what_ran", "git_commit", "peak_rss_bytes"]

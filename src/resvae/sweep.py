@@ -70,9 +70,14 @@ class SweepSpec:
     out: str = ""  # where a sweep file says its runs go ("" = the command decides)
     launcher: dict = field(default_factory=dict)  # a sweep file's [launcher] table (slurm.py)
 
+    @property
+    def tables(self) -> list[dict[str, list]]:
+        """The grid as a list of tables (one for a plain [grid])."""
+        return self.grid if isinstance(self.grid, list) else [self.grid]
+
     def points(self) -> list[dict]:
         points: list[dict] = []
-        for grid in self.grid if isinstance(self.grid, list) else [self.grid]:
+        for grid in self.tables:
             keys = list(grid)
             points += [p for p in (dict(zip(keys, values))
                                    for values in itertools.product(*grid.values()))
@@ -81,13 +86,13 @@ class SweepSpec:
 
     def set_axis(self, key: str, values: list) -> None:
         """One axis from the command line (--depths, --shortcut, --seeds), in every table."""
-        for grid in self.grid if isinstance(self.grid, list) else [self.grid]:
+        for grid in self.tables:
             grid[key] = list(values)
 
     @property
     def keys(self) -> list[str]:
         """The grid's config keys (every table of a [[grid]] has the same ones)."""
-        return list(self.grid[0] if isinstance(self.grid, list) else self.grid)
+        return list(self.tables[0])
 
 
 def run_name(point: Mapping) -> str:

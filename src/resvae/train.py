@@ -41,6 +41,7 @@ from .runs import (
     end_history,
     git_commit,
     keep_metrics,
+    peak_rss_bytes,
     read_metrics,
     remove_stale_temps,
     resume_checkpoint,
@@ -621,17 +622,6 @@ def finish(s: Session, state: TrainState, stop_reason: str | None) -> dict:
     if rt.is_main:
         _write_summary(s, state, summary, test)
     return summary
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident memory so far (its high-water mark, as `time -v` reports
-    it); None where the OS does not say (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
 
 
 def _summary(s: Session, state: TrainState, stop_reason: str | None) -> dict:
