@@ -8,7 +8,10 @@ and eval.json of each run):
 One row per grid point (latent groups x residual blocks), over its seeds: test bits/dim (mean
 and 95% t interval), active units per group (mean over seeds, top group first), parameters,
 GFLOP per image (one forward pass, the negative ELBO: `summary.json`'s flops_per_image, counted
-by `resvae.vae.model_info`; a training step is about 3x that) and images/s (mean over the seeds' epochs: depends on the machine's speed).
+by `resvae.vae.model_info`; a training step is about 3x that) and images/s (mean over the
+seeds' epochs: depends on the machine's speed). Then each step along each axis (the groups at
+fixed blocks, the blocks at fixed groups, in order of GFLOP): its change in bits/dim, paired by
+seed, with a 95% interval, and bits/dim per added GFLOP.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def points(records: list[dict]) -> list[dict]:
         active = [r["active"] for r in rs if r["active"]]
         out.append({"groups": groups, "blocks": blocks, "depth": rs[0]["depth"],
                     "seeds": sorted(r["seed"] for r in rs),
+                    "by_seed": {r["seed"]: r["test_bpd"] for r in rs},
                     "bpd": mean_ci([r["test_bpd"] for r in rs]),
                     "active": ([sum(a[i] for a in active) / len(active)
                                 for i in range(len(active[0]))] if active else None),
@@ -57,6 +61,59 @@ def points(records: list[dict]) -> list[dict]:
                     "images_per_s": sum(r["images_per_s"] for r in rs) / len(rs),
                     "images_seen": rs[0]["images_seen"]})
     return out
+
+
+def axes(rows: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """The sweep's two axes, each (label, its points by GFLOP, the key that varies): latent
+    groups at the block count most points share, residual blocks at the most shared groups."""
+    blocks = max(sorted({r["blocks"] for r in rows}),
+                 key=lambda b: sum(r["blocks"] == b for r in rows))
+    groups = max(sorted({r["groups"] for r in rows}),
+                 key=lambda g: sum(r["groups"] == g for r in rows))
+    return [(f"latent groups (at {blocks} blocks)",
+             sorted((r for r in rows if r["blocks"] == blocks), key=lambda r: r["gflop"]),
+             "groups"),
+            (f"residual blocks (at {groups} groups)",
+             sorted((r for r in rows if r["groups"] == groups), key=lambda r: r["gflop"]),
+             "blocks")]
+
+
+def steps(rows: list[dict]) -> list[dict]:
+    """Each step along an axis (one point to the next by GFLOP): the change in test bits/dim,
+    paired by seed (the same seed gives the same data order and the same random stream), its
+    95% t interval, whether that interval excludes 0, and bits/dim per added GFLOP."""
+    out = []
+    for label, rs, key in axes(rows):
+        for a, b in zip(rs, rs[1:]):
+            seeds = sorted(set(a["by_seed"]) & set(b["by_seed"]))
+            d = mean_ci([b["by_seed"][s] - a["by_seed"][s] for s in seeds])
+            dg = b["gflop"] - a["gflop"]
+            out.append({"axis": key, "from": a[key], "to": b[key], "seeds": seeds,
+                        "d_gflop": dg, "d_bpd": d,
+                        "excludes_0": (None if d["ci_low"] is None
+                                       else d["ci_low"] > 0 or d["ci_high"] < 0),
+                        "bpd_per_gflop": d["mean"] / dg if d["mean"] is not None and dg > 0
+                        else None})
+    return out
+
+
+def steps_table(st: list[dict]) -> str:
+    lines = ["| step | seeds | added GFLOP/image | change in test bits/dim, paired mean "
+             "[95% CI] | bits/dim per added GFLOP |",
+             "|---|---:|---:|---|---:|"]
+    for s in st:
+        d = s["d_bpd"]
+        if d["mean"] is None:
+            change = "-"
+        elif d["ci_low"] is None:
+            change = f"{d['mean']:+.3f}"
+        else:
+            change = (f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                      + (" *" if s["excludes_0"] else ""))
+        per = f"{s['bpd_per_gflop']:+.2f}" if s["bpd_per_gflop"] is not None else "-"
+        lines.append(f"| {s['axis']} {s['from']} -> {s['to']} | {len(s['seeds'])} | "
+                     f"{s['d_gflop']:+.3f} | {change} | {per} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -83,14 +140,7 @@ def figure(rows: list[dict], path: Path) -> None:
     from resvae.files import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    blocks = sorted({r["blocks"] for r in rows}, key=lambda b: -sum(r["blocks"] == b for r in rows))
-    groups = sorted({r["groups"] for r in rows}, key=lambda g: -sum(r["groups"] == g for r in rows))
-    axes = [("latent groups (at %d blocks)" % blocks[0],
-             [r for r in rows if r["blocks"] == blocks[0]], "groups", "o-"),
-            ("residual blocks (at %d groups)" % groups[0],
-             [r for r in rows if r["groups"] == groups[0]], "blocks", "s--")]
-    for label, rs, key, style in axes:
-        rs = sorted(rs, key=lambda r: r["gflop"])
+    for (label, rs, key), style in zip(axes(rows), ("o-", "s--")):
         x = [r["gflop"] for r in rs]
         y = [r["bpd"]["mean"] for r in rs]
         err = [[r["bpd"]["mean"] - (r["bpd"]["ci_low"] or r["bpd"]["mean"]) for r in rs],
@@ -120,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = points([run_record(r) for r in runs])
     print(table(rows))
+    print()
+    print("Steps along each axis (negative: lower bits/dim; * the interval excludes 0):")
+    print()
+    print(steps_table(steps(rows)))
     if args.out:
         figure(rows, args.out)
     return 0

@@ -284,6 +284,14 @@ def test_stochastic_depth_table_from_a_tiny_union_sweep(tmp_path):
     assert [len(r["active"]) for r in rows] == [1, 2]  # one count per group, top first
     table = sd.table(rows)
     assert table.count("\n") == 3 and "| 2 | 6 | 18 | 1 |" in table
+    # one step along the groups axis, paired on the one seed both points ran: no interval
+    (step,) = [s for s in sd.steps(rows) if s["axis"] == "groups"]
+    by_seed = [r["by_seed"] for r in rows]
+    assert (step["from"], step["to"], step["seeds"]) == (1, 2, [0])
+    assert step["d_bpd"]["mean"] == pytest.approx(by_seed[1][0] - by_seed[0][0])
+    assert step["d_bpd"]["ci_low"] is None and step["excludes_0"] is None
+    assert step["d_gflop"] == pytest.approx(rows[1]["gflop"] - rows[0]["gflop"])
+    assert "| groups 1 -> 2 | 1 |" in sd.steps_table(sd.steps(rows))
     sd.figure(rows, tmp_path / "sd.png")
     assert (tmp_path / "sd.png").stat().st_size > 0
 
