@@ -159,3 +159,33 @@ def test_every_test_docs_reliability_names_exists():
         tree = ast.parse((ROOT / path).read_text())
         tests = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
         assert not name or name in tests, f"docs/reliability.md names {path}::{name}"
+
+
+def test_readme_stochastic_depth_tables_are_the_sweeps_own_files():
+    # issue 20's stochastic-depth section: both tables printed by benchmarks/stochastic_depth.py
+    # from the sweep's own records, kept in docs/sweep-cpu-stochastic-depth/, and each record a
+    # run of sweeps/cpu-stochastic-depth.toml as it plans today (where the data lies aside)
+    import importlib.util
+
+    from resvae.config import to_dict
+    from resvae.sweep import load_sweep_file, plan
+
+    spec = importlib.util.spec_from_file_location("stochastic_depth",
+                                                  ROOT / "benchmarks" / "stochastic_depth.py")
+    sd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd)
+    kept = ROOT / "docs" / "sweep-cpu-stochastic-depth"
+    planned = dict(plan(load_sweep_file(ROOT / "sweeps" / "cpu-stochastic-depth.toml"),
+                        environ={}))
+    runs = sorted(p.parent for p in kept.glob("*/summary.json"))
+    assert sorted(r.name for r in runs) == sorted(planned)  # all 21, none missing
+    where = {"data_dir", "download"}
+    for run in runs:
+        saved, now = json.loads((run / "config.json").read_text()), to_dict(planned[run.name])
+        for sec in ("model", "train"):
+            assert saved[sec] == now[sec], f"{run.name} [{sec}]"
+        assert {k: v for k, v in saved["data"].items() if k not in where} == \
+            {k: v for k, v in now["data"].items() if k not in where}, run.name
+    rows = sd.points([sd.run_record(r) for r in runs])
+    assert sd.table(rows) in README
+    assert sd.steps_table(sd.steps(rows)) in README
