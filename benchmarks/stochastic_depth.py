@@ -83,7 +83,7 @@ def steps(rows: list[dict]) -> list[dict]:
     paired by seed (the same seed gives the same data order and the same random stream), its
     95% t interval, whether that interval excludes 0, and bits/dim per added GFLOP."""
     out = []
-    for label, rs, key in axes(rows):
+    for _label, rs, key in axes(rows):
         for a, b in zip(rs, rs[1:]):
             seeds = sorted(set(a["by_seed"]) & set(b["by_seed"]))
             d = mean_ci([b["by_seed"][s] - a["by_seed"][s] for s in seeds])

@@ -1,4 +1,4 @@
-import importlib
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -103,3 +103,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def benchmark_script(name: str, module_name: str | None = None):
+    """benchmarks/<name>.py imported as a module: the scripts are not part of the package, and
+    their tests call their functions. `module_name` where the file's own name would shadow
+    another module (codecs)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name or name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,23 +1,18 @@
 """benchmarks/codecs.py on a few generated images: resvae's decoding, exact bytes, bits/dim."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "codecs.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    # A script, not a module of the package (and "codecs" would shadow the standard library's).
-    spec = importlib.util.spec_from_file_location("bench_codecs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import conftest
+
+    # "codecs" would shadow the standard library's
+    return conftest.benchmark_script("codecs", "bench_codecs")
 
 
 @pytest.fixture

@@ -116,12 +116,9 @@ def test_readme_slurm_sweep_file_plans(tmp_path):
 def test_readme_ten_minute_runs_table_is_the_runs_own_files():
     # the main command's spread over several hours: printed by benchmarks/readme_table.py from
     # the runs' summary.json / metrics.jsonl / history.jsonl, kept in docs/cpu-10m/
-    import importlib.util
+    import conftest
 
-    spec = importlib.util.spec_from_file_location("readme_table",
-                                                  ROOT / "benchmarks" / "readme_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = conftest.benchmark_script("readme_table")
     runs = sorted((ROOT / "docs" / "cpu-10m").iterdir())
     # issue 20: a speed-dependent number is quoted from at least two runs on different hours
     assert len(runs) >= 2, "the spread needs at least two runs on different hours"
@@ -165,15 +162,12 @@ def test_readme_stochastic_depth_tables_are_the_sweeps_own_files():
     # issue 20's stochastic-depth section: both tables printed by benchmarks/stochastic_depth.py
     # from the sweep's own records, kept in docs/sweep-cpu-stochastic-depth/, and each record a
     # run of sweeps/cpu-stochastic-depth.toml as it plans today (where the data lies aside)
-    import importlib.util
+    import conftest
 
     from resvae.config import to_dict
     from resvae.sweep import load_sweep_file, plan
 
-    spec = importlib.util.spec_from_file_location("stochastic_depth",
-                                                  ROOT / "benchmarks" / "stochastic_depth.py")
-    sd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sd)
+    sd = conftest.benchmark_script("stochastic_depth")
     kept = ROOT / "docs" / "sweep-cpu-stochastic-depth"
     planned = dict(plan(load_sweep_file(ROOT / "sweeps" / "cpu-stochastic-depth.toml"),
                         environ={}))

@@ -263,12 +263,9 @@ def test_the_stochastic_depth_sweep_holds_blocks_or_groups_fixed():
 def test_stochastic_depth_table_from_a_tiny_union_sweep(tmp_path):
     # benchmarks/stochastic_depth.py on a real (tiny) [[grid]] sweep of hier nets: one row per
     # (groups, blocks) point over its seeds, active units per group from each run's eval.json
-    import importlib.util
+    import conftest
 
-    spec_file = importlib.util.spec_from_file_location(
-        "stochastic_depth", Path(__file__).resolve().parents[1] / "benchmarks" / "stochastic_depth.py")
-    sd = importlib.util.module_from_spec(spec_file)
-    spec_file.loader.exec_module(sd)
+    sd = conftest.benchmark_script("stochastic_depth")
     spec = SweepSpec(grid=[{"stochastic_layers": [1], "depth": [16], "seed": [0, 1]},
                            {"stochastic_layers": [2], "depth": [18], "seed": [0]}],
                      preset="tiny", iwae_k=2, iwae_n=8,
