@@ -396,13 +396,15 @@ def test_small_presets():
     assert (cpu.model.arch, cpu.model.block, cpu.model.depth, cpu.model.likelihood) == (
         "hier", "basic", 40, "dmol")
     assert cpu.train.budget.seconds == 600
-    # cpu-1h is the same model and recipe, for an hour, at the peak lr its hour was measured at
-    # (2e-3; the 10-minute preset's went to 6e-3 in issue 20)
+    # cpu-1h is the same model and recipe, for an hour, at the peak lr and betas its hour was
+    # measured at (2e-3 and Adam's default betas; the 10-minute preset's went to 6e-3 and
+    # (0.9, 0.9) in issue 20)
     hour = _resolve(preset="cpu-1h")
     assert hour.model == cpu.model and hour.train.budget.seconds == 3600
     assert {k for k in vars(cpu.train) if getattr(cpu.train, k) != getattr(hour.train, k)} == {
-        "ema", "budget", "lr"}
+        "ema", "budget", "lr", "betas"}
     assert (cpu.train.lr, hour.train.lr) == (6e-3, 2e-3)
+    assert (tuple(cpu.train.betas), tuple(hour.train.betas)) == ((0.9, 0.9), (0.9, 0.999))
     old = _resolve(preset="resnet-cpu")
     assert (old.model.arch, old.model.depth, old.model.likelihood) == ("resnet", 20, "dlogistic")
     assert tiny.data.dataset == "shapes" and tiny.train.max_epochs == 2 and tiny.model.latent_dim == 8
