@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from resvae.hier import hier_layout
-from resvae.report import mean_ci
+from resvae.report import excludes_0, mean_ci
 from resvae.runs import RunDir, read_config, read_json, read_metrics, read_summary
 
 
@@ -90,8 +90,7 @@ def steps(rows: list[dict]) -> list[dict]:
             dg = b["gflop"] - a["gflop"]
             out.append({"axis": key, "from": a[key], "to": b[key], "seeds": seeds,
                         "d_gflop": dg, "d_bpd": d,
-                        "excludes_0": (None if d["ci_low"] is None
-                                       else d["ci_low"] > 0 or d["ci_high"] < 0),
+                        "excludes_0": excludes_0(d),
                         "bpd_per_gflop": d["mean"] / dg if d["mean"] is not None and dg > 0
                         else None})
     return out

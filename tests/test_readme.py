@@ -128,20 +128,25 @@ def test_readme_ten_minute_runs_table_is_the_runs_own_files():
     assert table.spread_table(runs) in README
 
 
+def _recipe_differences(run: Path, cfg) -> list[str]:
+    """Where a kept run's config.json differs from `cfg` in what it trains, through resvae's own
+    check (runs.config_differences): every setting but where the data lay on that machine."""
+    from resvae.runs import config_differences
+
+    return config_differences(json.loads((run / "config.json").read_text()), cfg,
+                              keys=("model", "data", "train"),
+                              skip=("data.data_dir", "data.download"))
+
+
 def test_readme_ten_minute_runs_trained_the_cpu_preset_of_now():
     # the spread describes the README's first command: each kept run's resolved config must be
     # the cpu preset's as it resolves today (where the data lies aside), so a preset change
     # cannot leave the README quoting runs of another model or recipe
-    from resvae.config import resolve, to_dict
+    from resvae.config import resolve
 
-    now = to_dict(resolve(preset="cpu", environ={}))
+    now = resolve(preset="cpu", environ={})
     for run in sorted((ROOT / "docs" / "cpu-10m").iterdir()):
-        saved = json.loads((run / "config.json").read_text())
-        for sec in ("model", "train"):
-            assert saved[sec] == now[sec], f"{run.name} [{sec}]"
-        where = {"data_dir", "download"}
-        assert {k: v for k, v in saved["data"].items() if k not in where} == \
-            {k: v for k, v in now["data"].items() if k not in where}, run.name
+        assert _recipe_differences(run, now) == [], run.name
 
 
 def test_every_test_docs_reliability_names_exists():
@@ -164,7 +169,6 @@ def test_readme_stochastic_depth_tables_are_the_sweeps_own_files():
     # run of sweeps/cpu-stochastic-depth.toml as it plans today (where the data lies aside)
     import conftest
 
-    from resvae.config import to_dict
     from resvae.sweep import load_sweep_file, plan
 
     sd = conftest.benchmark_script("stochastic_depth")
@@ -173,13 +177,8 @@ def test_readme_stochastic_depth_tables_are_the_sweeps_own_files():
                         environ={}))
     runs = sorted(p.parent for p in kept.glob("*/summary.json"))
     assert sorted(r.name for r in runs) == sorted(planned)  # all 21, none missing
-    where = {"data_dir", "download"}
     for run in runs:
-        saved, now = json.loads((run / "config.json").read_text()), to_dict(planned[run.name])
-        for sec in ("model", "train"):
-            assert saved[sec] == now[sec], f"{run.name} [{sec}]"
-        assert {k: v for k, v in saved["data"].items() if k not in where} == \
-            {k: v for k, v in now["data"].items() if k not in where}, run.name
+        assert _recipe_differences(run, planned[run.name]) == [], run.name
     rows = sd.points([sd.run_record(r) for r in runs])
     assert sd.table(rows) in README
     assert sd.steps_table(sd.steps(rows)) in README

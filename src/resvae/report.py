@@ -228,6 +228,12 @@ def mean_ci(values: list[float]) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
 
 
+def excludes_0(st: dict) -> bool | None:
+    """Whether a `mean_ci` interval of a difference excludes 0 (the seeds can tell it from no
+    difference); None without an interval (n < 2)."""
+    return None if st["ci_low"] is None else st["ci_low"] > 0 or st["ci_high"] < 0
+
+
 def _config_name(name: str) -> str:
     """A run's name without its seed part (sweep.run_name writes `...-seed<N>`): the grid point
     its seeds share."""
@@ -274,8 +280,7 @@ def paired(rows: list[dict]) -> list[dict]:
                  if runs_by_seed[s][m] is not None and other[s][m] is not None]
             st = mean_ci(d)
             row.update({f"{m}_{k}": v for k, v in st.items()})
-            row[f"{m}_excludes_0"] = (None if st["ci_low"] is None
-                                      else st["ci_low"] > 0 or st["ci_high"] < 0)
+            row[f"{m}_excludes_0"] = excludes_0(st)
         out.append(row)
     return out
 
@@ -752,5 +757,5 @@ def compare(run_dirs) -> str:
 
 __all__ = ["STUDY_TABLE1", "COLUMNS", "FIGURES", "collect", "format_table", "write_results",
            "make_figures", "write_html", "report", "compare", "find_runs", "latest_samples",
-           "aggregate", "paired", "mean_ci", "t95", "format_stats",
+           "aggregate", "paired", "mean_ci", "excludes_0", "t95", "format_stats",
            "plot_curves", "robust_top", "plot_loss_vs_depth", "plot_degradation", "plot_samples"]
