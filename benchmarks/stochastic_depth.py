@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from resvae.errors import ResvaeError, RunError
 from resvae.hier import hier_layout
 from resvae.report import excludes_0, mean_ci
 from resvae.runs import RunDir, read_config, read_json, read_metrics, read_summary
@@ -30,7 +31,7 @@ def run_record(run_dir: Path) -> dict:
     ev = read_json(RunDir(run_dir).eval)
     rates = [r["images_per_s"] for r in read_metrics(run_dir) if not r.get("partial")]
     if not rates:
-        raise SystemExit(f"{run_dir}: no finished epoch in metrics.jsonl")
+        raise RunError(f"{run_dir}: no finished epoch in metrics.jsonl")
     m = cfg.model
     layout = hier_layout(m.depth, m.stochastic_layers, m.block)
     return {"groups": m.stochastic_layers,
@@ -48,8 +49,8 @@ def points(records: list[dict]) -> list[dict]:
     out = []
     for (groups, blocks), rs in sorted(by_point.items()):
         if len({r["images_seen"] for r in rs}) != 1:
-            raise SystemExit(f"groups {groups}, blocks {blocks}: the seeds saw different numbers "
-                             "of images; not an equal-images comparison")
+            raise RunError(f"groups {groups}, blocks {blocks}: the seeds saw different numbers "
+                           "of images; not an equal-images comparison")
         active = [r["active"] for r in rs if r["active"]]
         out.append({"groups": groups, "blocks": blocks, "depth": rs[0]["depth"],
                     "seeds": sorted(r["seed"] for r in rs),
@@ -169,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"{args.sweep_dir}: no finished run (no */summary.json)", file=sys.stderr)
         return 2
-    rows = points([run_record(r) for r in runs])
+    try:
+        rows = points([run_record(r) for r in runs])
+    except ResvaeError as e:  # a run without eval.json (not a sweep's), a tampered record
+        print(f"stochastic_depth.py: {e}", file=sys.stderr)
+        return 2
     print(table(rows))
     print()
     print("Steps along each axis (negative: lower bits/dim; * the interval excludes 0):")

@@ -260,7 +260,7 @@ def test_the_stochastic_depth_sweep_holds_blocks_or_groups_fixed():
     assert {(c.train.max_epochs, c.data.subset) for _, c in runs} == {(1, 0)}
 
 
-def test_stochastic_depth_table_from_a_tiny_union_sweep(tmp_path):
+def test_stochastic_depth_table_from_a_tiny_union_sweep(tmp_path, capsys):
     # benchmarks/stochastic_depth.py on a real (tiny) [[grid]] sweep of hier nets: one row per
     # (groups, blocks) point over its seeds, active units per group from each run's eval.json
     import conftest
@@ -291,6 +291,10 @@ def test_stochastic_depth_table_from_a_tiny_union_sweep(tmp_path):
     assert "| groups 1 -> 2 | 1 |" in sd.steps_table(sd.steps(rows))
     sd.figure(rows, tmp_path / "sd.png")
     assert (tmp_path / "sd.png").stat().st_size > 0
+    # a run without its eval.json (not a sweep's run): one line and exit 2, no traceback
+    next(out.glob("*/eval.json")).unlink()
+    assert sd.main([str(out)]) == 2
+    assert "eval.json: not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow
